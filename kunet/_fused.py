@@ -1,0 +1,146 @@
+"""The one place that decides whether a DoubleConv runs the fused Triton kernel or plain Keras layers.
+
+Policy, most specific first:
+
+1. ``DoubleConv(fused=True|False)`` (or ``UNet(fused=...)``, which passes it to every DoubleConv);
+2. the global policy set with :func:`set_fused` (``"auto"``, ``True`` or ``False``);
+3. the environment variable ``KUNET_FUSED`` (``auto``, ``1``/``true``/``on``, ``0``/``false``/``off``),
+   read once, at the first decision, if :func:`set_fused` was never called;
+4. ``"auto"``.
+
+``"auto"`` takes the fused path only when it can run: the Keras backend is torch, Triton imports, the
+layer uses batch normalization, and the input is a real CUDA tensor (or a CPU tensor while
+``TRITON_INTERPRET=1`` is set, which is how the CPU test-suite exercises the kernels). Otherwise it
+falls back to the plain layers silently. ``True`` raises a :class:`FusedUnavailableError` that says why
+when the fused path cannot run. JAX and TensorFlow always take the plain path (XLA fuses BN + ReLU on
+its own).
+
+Symbolic tracing (building a functional model: torch "meta" tensors, Keras tensors) always takes the
+plain path: both paths produce the same shapes and the same variables.
+
+Nothing here imports torch or triton at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import keras
+
+_VALID = ("auto", True, False)
+_global_policy: object = None  # None: not set, read KUNET_FUSED
+
+
+class FusedUnavailableError(RuntimeError):
+    """``fused=True`` was asked for where the fused DoubleConv cannot run."""
+
+
+def _parse_policy(value, *, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "auto":
+            return "auto"
+        if v in ("1", "true", "on", "yes"):
+            return True
+        if v in ("0", "false", "off", "no"):
+            return False
+    raise ValueError(
+        f"{name} must be 'auto', True or False (env KUNET_FUSED: auto/1/0/true/false); got {value!r}"
+    )
+
+
+def set_fused(policy) -> None:
+    """Set the global fused-DoubleConv policy: ``"auto"`` (default), ``True`` or ``False``.
+
+    A layer's own ``fused=`` argument, when not None, takes precedence.
+    """
+    global _global_policy
+    _global_policy = _parse_policy(policy, name="set_fused(policy)")
+
+
+def get_fused():
+    """The global policy in force: ``"auto"``, ``True`` or ``False``."""
+    if _global_policy is not None:
+        return _global_policy
+    env = os.environ.get("KUNET_FUSED")
+    if env is None or env.strip() == "":
+        return "auto"
+    return _parse_policy(env, name="KUNET_FUSED")
+
+
+def validate_policy(value, name: str = "fused"):
+    """Check a per-layer ``fused`` argument (None, 'auto', True or False) and normalise it."""
+    return _parse_policy(value, name=name)
+
+
+def interpret_mode() -> bool:
+    """True when Triton's interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'kunet[triton]')"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken installs only
+        return f"Triton failed to import: {exc!r}"
+    return None
+
+
+def _is_symbolic(x) -> bool:
+    if isinstance(x, keras.KerasTensor):
+        return True
+    device = getattr(x, "device", None)
+    return getattr(device, "type", None) == "meta"
+
+
+def unavailable_reason(x, *, batch_norm: bool = True) -> str | None:
+    """Why the fused path cannot run on ``x`` here, or None if it can."""
+    backend = keras.backend.backend()
+    if backend != "torch":
+        return (
+            f"the fused DoubleConv runs on the torch backend only; KERAS_BACKEND is {backend!r} "
+            "(JAX and TensorFlow take the plain path, where XLA fuses BN+ReLU)"
+        )
+    if not batch_norm:
+        return "the fused DoubleConv fuses Conv-BatchNorm-ReLU; this layer has batch_norm=False"
+    err = _triton_import_error()
+    if err is not None:
+        return err
+    device = getattr(getattr(x, "device", None), "type", None)
+    if device == "cuda":
+        return None
+    if device == "cpu" and interpret_mode():
+        return None
+    return (
+        f"the input is on {device!r}; the fused DoubleConv needs a CUDA tensor "
+        "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
+    )
+
+
+def use_fused(layer_policy, x, *, batch_norm: bool = True) -> bool:
+    """Decide fused vs plain for one call. Raises :class:`FusedUnavailableError` for ``True``."""
+    policy = layer_policy if layer_policy is not None else get_fused()
+    if policy is False or _is_symbolic(x):
+        return False
+    reason = unavailable_reason(x, batch_norm=batch_norm)
+    if reason is None:
+        return True
+    if policy is True:
+        raise FusedUnavailableError(f"fused=True, but the fused DoubleConv cannot run: {reason}.")
+    return False
+
+
+def double_conv(layer, x, training: bool):
+    """Run ``layer`` (a :class:`kunet.layers.DoubleConv`) through the fused Triton path."""
+    from kunet.kernels import autograd as fused_ops  # lazy: torch + triton
+
+    return fused_ops.double_conv_layer_forward(layer, x, training=training)

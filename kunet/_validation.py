@@ -1,0 +1,129 @@
+"""Checks of user data with errors that name the argument and the offending shape or value.
+
+Arrays are checked whole (cheap next to training). Datasets and loaders (``tf.data.Dataset``,
+``keras.utils.PyDataset``, torch ``DataLoader``) are checked on their first batch only, which catches
+wrong channel counts, mismatched masks and wrong label ranges before the first step without a pass over
+the data. Python generators are not checked (peeking would consume them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_array(value):
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy") and hasattr(value, "shape"):  # tf tensor
+        return value.numpy()
+    if hasattr(value, "shape") and hasattr(value, "__array__"):  # jax array & co
+        return np.asarray(value)
+    return None
+
+
+def _first_batch(data):
+    """The first (x, y) of a dataset-like object, or None where peeking is not safe or possible."""
+    module = type(data).__module__ or ""
+    try:
+        if module.startswith("tensorflow"):
+            batch = next(iter(data.take(1)))
+        elif module.startswith("torch.utils.data"):
+            batch = next(iter(data))
+        elif hasattr(data, "__getitem__") and hasattr(data, "on_epoch_end"):  # PyDataset
+            if len(data) == 0:
+                return None
+            batch = data[0]
+        else:
+            return None
+    except StopIteration:
+        return None
+    if isinstance(batch, dict):
+        return None
+    if isinstance(batch, (tuple, list)):
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        return x, y
+    return batch, None
+
+
+def check_data(x, y, *, channels, num_classes, input_shape=None, where="x"):
+    """Validate images ``x`` and masks ``y`` (either may be a dataset yielding (x, y) batches)."""
+    xa = _as_array(x)
+    if xa is None and x is not None:
+        peeked = _first_batch(x)
+        if peeked is None:
+            return
+        xa, ya = _as_array(peeked[0]), _as_array(peeked[1])
+        if xa is None:
+            return
+        label = f"{where} (first batch)"
+        y_label = f"{where} masks (first batch)"
+    else:
+        ya = _as_array(y)
+        label = where
+        y_label = "y" if where == "x" else f"{where} masks"
+    if xa is None:
+        return
+    check_images(xa, channels=channels, input_shape=input_shape, name=label)
+    if ya is not None:
+        check_masks(ya, xa.shape, num_classes=num_classes, name=y_label, images_name=label)
+
+
+def check_images(x, *, channels, input_shape=None, name="x"):
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must be a batch of images shaped (N, H, W, {channels}) (channels last); "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != channels:
+        raise ValueError(
+            f"{name} has {x.shape[-1]} channels (shape {tuple(x.shape)}) but the model expects "
+            f"{channels} (input_shape={tuple(input_shape) if input_shape else None}); "
+            f"build the model with input_shape=(None, None, {x.shape[-1]})"
+        )
+    if input_shape is not None:
+        for axis, want in ((1, input_shape[0]), (2, input_shape[1])):
+            if want is not None and x.shape[axis] != want:
+                raise ValueError(
+                    f"{name} has spatial size {tuple(x.shape[1:3])} but the model was built for "
+                    f"input_shape={tuple(input_shape)}; use None for H and W to accept any size"
+                )
+
+
+def check_masks(y, image_shape, *, num_classes, name="y", images_name="x"):
+    n, h, w = image_shape[:3]
+    shape = tuple(y.shape)
+    if shape not in ((n, h, w), (n, h, w, 1)):
+        hint = ""
+        if y.ndim == 4 and shape[:3] == (n, h, w) and shape[-1] == num_classes > 1:
+            hint = " (one-hot masks: pass integer class indices, e.g. y.argmax(-1))"
+        raise ValueError(
+            f"{name} has shape {shape}, which does not match {images_name} of shape "
+            f"{tuple(image_shape)}: masks must be shaped (N, H, W) or (N, H, W, 1) = "
+            f"{(n, h, w)} or {(n, h, w, 1)}{hint}"
+        )
+    if y.size == 0:
+        return
+    lo, hi = y.min(), y.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if num_classes == 1:
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name} values must lie in [0, 1] for num_classes=1 (binary masks); got values "
+                f"from {lo} to {hi}. For masks stored as 0/255 divide by 255; for several "
+                "classes build the model with num_classes=N"
+            )
+        return
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"{name} values must be class indices in [0, {num_classes - 1}] for "
+            f"num_classes={num_classes}; got values from {lo} to {hi}"
+        )
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.equal(np.mod(y, 1), 0)):
+        raise ValueError(
+            f"{name} must hold integer class indices for num_classes={num_classes}; "
+            "got non-integer values"
+        )

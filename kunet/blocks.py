@@ -1,0 +1,62 @@
+"""Functional-API building blocks of the UNet: each takes Keras tensors and returns Keras tensors.
+
+``encoder_block`` -> ``bottleneck`` -> ``decoder_block`` (x depth) -> ``segmentation_head``, wired by
+:class:`kunet.UNet`. They are public so that variants (other encoders, attention gates, 3D) can reuse
+them.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from kunet.layers import DoubleConv
+
+UPSAMPLING_MODES = ("transpose", "bilinear")
+
+
+def encoder_block(x, filters, *, batch_norm=True, fused=None, name="encoder"):
+    """DoubleConv then 2x2 max-pool. Returns ``(skip, pooled)``."""
+    skip = DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+    pooled = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(skip)
+    return skip, pooled
+
+
+def bottleneck(x, filters, *, batch_norm=True, dropout=0.0, fused=None, name="bottleneck"):
+    """The deepest DoubleConv, followed by dropout when ``dropout > 0`` (as in the UNet paper)."""
+    x = DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return x
+
+
+def upsample(x, filters, *, mode="transpose", name="up"):
+    """Double H and W and set the channels to ``filters``.
+
+    ``"transpose"``: a 2x2 stride-2 ``Conv2DTranspose``. ``"bilinear"``: ``UpSampling2D`` (bilinear)
+    followed by a 2x2 convolution (the paper's "up-convolution").
+    """
+    if mode == "transpose":
+        return keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_transpose")(x)
+    if mode == "bilinear":
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
+        return keras.layers.Conv2D(filters, 2, padding="same", name=f"{name}_conv")(x)
+    raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}; got {mode!r}")
+
+
+def decoder_block(
+    x, skip, filters, *, upsampling="transpose", batch_norm=True, fused=None, name="decoder"
+):
+    """Up-sample ``x``, concatenate the encoder's ``skip``, then DoubleConv."""
+    x = upsample(x, filters, mode=upsampling, name=f"{name}_up")
+    x = keras.layers.Concatenate(name=f"{name}_concat")([skip, x])
+    return DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+
+
+def segmentation_head(x, num_classes, *, activation=None, name="head"):
+    """1x1 convolution to ``num_classes`` channels; logits unless ``activation`` is given.
+
+    The head always computes in float32, so logits and probabilities stay accurate under mixed precision.
+    """
+    return keras.layers.Conv2D(
+        num_classes, 1, activation=activation, dtype="float32", name=name
+    )(x)

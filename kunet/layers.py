@@ -1,0 +1,164 @@
+"""Layers that make up a kunet UNet.
+
+``DoubleConv`` is the UNet's workhorse (Conv3x3 -> BN -> ReLU, twice). Its variables are exactly those of
+its plain ``Conv2D`` and ``BatchNormalization`` sublayers, whichever path (plain or fused Triton) runs it,
+so checkpoints move freely between the two paths and between backends.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kunet import _fused
+
+_PACKAGE = "kunet"
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class DoubleConv(keras.layers.Layer):
+    """Conv3x3 -> BatchNorm -> ReLU, twice (the UNet "double convolution").
+
+    The convolutions have no bias when batch normalization follows them (the BN shift replaces it).
+
+    Args:
+        filters: output channels of both convolutions.
+        batch_norm: put a ``BatchNormalization`` after each convolution (default True).
+        fused: ``None`` (follow :func:`kunet.set_fused`, default ``"auto"``), ``True`` (require the
+            fused Triton kernel; raise if it cannot run) or ``False`` (always plain layers).
+            ``fused`` is an execution choice, not part of the model, so it is not saved in the config:
+            a model saved from a fused run loads anywhere and follows the loading process's policy.
+        kernel_initializer: initializer of both convolution kernels (default ``"he_normal"``).
+        kernel_regularizer: optional regularizer of both convolution kernels.
+        **kwargs: standard ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
+
+    Example:
+        >>> layer = DoubleConv(32)
+        >>> y = layer(keras.ops.ones((2, 64, 64, 3)))   # (2, 64, 64, 32)
+    """
+
+    def __init__(
+        self,
+        filters,
+        batch_norm=True,
+        fused=None,
+        kernel_initializer="he_normal",
+        kernel_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+            raise ValueError(f"DoubleConv: filters must be a positive int; got {filters!r}")
+        self.filters = filters
+        self.batch_norm = bool(batch_norm)
+        self.fused = _fused.validate_policy(fused, name="DoubleConv(fused=...)")
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+        def conv(name):
+            return keras.layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                use_bias=not self.batch_norm,
+                kernel_initializer=self.kernel_initializer,
+                kernel_regularizer=self.kernel_regularizer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
+        self.conv1 = conv("conv1")
+        self.conv2 = conv("conv2")
+        if self.batch_norm:
+            self.bn1 = keras.layers.BatchNormalization(dtype=self.dtype_policy, name="bn1")
+            self.bn2 = keras.layers.BatchNormalization(dtype=self.dtype_policy, name="bn2")
+        else:
+            self.bn1 = self.bn2 = None
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if input_shape[-1] is None:
+            raise ValueError(
+                f"DoubleConv needs a known channel count (last axis); got input shape {input_shape}"
+            )
+        mid_shape = input_shape[:-1] + (self.filters,)
+        self.conv1.build(input_shape)
+        self.conv2.build(mid_shape)
+        if self.batch_norm:
+            self.bn1.build(mid_shape)
+            self.bn2.build(mid_shape)
+
+    def call(self, inputs, training=None):
+        if _fused.use_fused(self.fused, inputs, batch_norm=self.batch_norm):
+            return _fused.double_conv(self, inputs, training=bool(training))
+        x = inputs
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
+            x = conv(x)
+            if bn is not None:
+                x = bn(x, training=training)
+            x = ops.relu(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-1] + (self.filters,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "batch_norm": self.batch_norm,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class PadToMultiple(keras.layers.Layer):
+    """Zero-pad H and W (centred) up to the next multiple of ``multiple``.
+
+    Works on dynamic (``None``) spatial sizes: the padding is computed in the graph with ``keras.ops``.
+    Pair it with :class:`CropLike` to bring the output back to the input's size.
+    """
+
+    def __init__(self, multiple, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"PadToMultiple: multiple must be a positive int; got {multiple!r}")
+        self.multiple = multiple
+
+    def call(self, inputs):
+        if self.multiple == 1:
+            return inputs
+        shape = ops.shape(inputs)
+        pad_h = (self.multiple - shape[1] % self.multiple) % self.multiple
+        pad_w = (self.multiple - shape[2] % self.multiple) % self.multiple
+        top, left = pad_h // 2, pad_w // 2
+        return ops.pad(inputs, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]])
+
+    def compute_output_shape(self, input_shape):
+        def up(d):
+            return None if d is None else -(-d // self.multiple) * self.multiple
+
+        return (input_shape[0], up(input_shape[1]), up(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "multiple": self.multiple}
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class CropLike(keras.layers.Layer):
+    """Centre-crop the first input's H and W to those of the second (the undo of PadToMultiple)."""
+
+    def call(self, inputs):
+        x, reference = inputs
+        shape, ref = ops.shape(x), ops.shape(reference)
+        top = (shape[1] - ref[1]) // 2
+        left = (shape[2] - ref[2]) // 2
+        return ops.slice(x, [0, top, left, 0], [shape[0], ref[1], ref[2], shape[3]])
+
+    def compute_output_shape(self, input_shapes):
+        x, reference = input_shapes
+        return (x[0], reference[1], reference[2], x[3])
