@@ -1,0 +1,164 @@
+"""torch.autograd.Function(s) around the fused DoubleConv kernels, and the layer entry point.
+
+:func:`double_conv_layer_forward` is what :mod:`kunet._fused` calls for a
+:class:`kunet.layers.DoubleConv` on the torch backend.  It runs
+
+* training (both BatchNormalizations trainable): :class:`DoubleConvTrainFn` - conv1 with batch
+  statistics in its epilogue, a deterministic finalize, conv2 with BN1 + ReLU applied in its
+  prologue and statistics in its epilogue, finalize, BN2 + ReLU.  Saved for backward: x, the raw
+  conv outputs y1 and y2, and per-channel vectors only; the normalized activations are recomputed.
+  The moving statistics are updated exactly as ``keras.layers.BatchNormalization`` does
+  (``moving = moving * momentum + batch * (1 - momentum)``, biased batch variance).
+* inference (``training=False``, or both BN layers frozen: Keras runs a frozen BN in inference mode):
+  BN folded into the convolutions, conv + bias + ReLU twice - when no gradient is needed
+  (``torch.no_grad()``, as in Keras' ``predict``/``evaluate``).  With gradients needed in inference
+  mode, or with only one of the two BN layers frozen, it runs the plain Keras sublayers (same result,
+  no fused kernel).
+
+The Keras variables' ``.value`` (the torch Parameters Keras' trainer differentiates) are the
+autograd inputs, so gradients reach the Keras variables.  Activations may be fp32, fp16 or bf16;
+variables stay fp32; statistics and accumulation are fp32; the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kunet.kernels import double_conv as K
+
+
+def _stat_vectors(part_mean, part_m2, gamma, beta, m, eps):
+    mean, var, scale, shift = K.bn_finalize(part_mean, part_m2, gamma, beta, m, eps)
+    rstd = torch.rsqrt(var + eps)
+    return mean, var, rstd, scale, shift
+
+
+class DoubleConvTrainFn(torch.autograd.Function):
+    """Training-mode ``relu(BN2(conv2(relu(BN1(conv1(x))))))`` with batch statistics.
+
+    ``forward(x, w1, gamma1, beta1, w2, gamma2, beta2, eps1, eps2, batch_stats)``: the weights are
+    HWIO; ``batch_stats`` is a dict that receives ``mean1, var1, mean2, var2`` (fp32, detached) for
+    the moving-statistics update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, eps1, eps2, batch_stats):
+        dt = x.dtype
+        x = x.contiguous()
+        f32 = dict(dtype=torch.float32)
+        g1f, b1f, g2f, b2f = (t.detach().to(**f32).contiguous() for t in (g1, b1, g2, b2))
+        m = x.numel() // x.shape[-1]
+
+        y1, pm1, pv1 = K.conv3x3(x, w1.detach().to(dt), stats=True)
+        mean1, var1, rstd1, sc1, sh1 = _stat_vectors(pm1, pv1, g1f, b1f, m, eps1)
+        y2, pm2, pv2 = K.conv3x3(y1, w2.detach().to(dt), in_scale=sc1, in_shift=sh1, stats=True)
+        mean2, var2, rstd2, sc2, sh2 = _stat_vectors(pm2, pv2, g2f, b2f, m, eps2)
+        out = K.bn_relu_apply(y2, sc2, sh2)
+
+        ctx.param_dtypes = tuple(torch.empty(0, dtype=t.dtype) for t in (g1, b1, g2, b2))
+        batch_stats.update(mean1=mean1, var1=var1, mean2=mean2, var2=var2)
+        # x, raw y1, raw y2; the rest are the layer's own parameters and per-channel vectors
+        ctx.save_for_backward(x, y1, y2, w1, w2, g1f, g2f, mean1, rstd1, sc1, sh1, mean2, rstd2,
+                              sc2, sh2)  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x, y1, y2, w1, w2, g1f, g2f, mean1, rstd1, sc1, sh1, mean2, rstd2, sc2, sh2) = (
+            ctx.saved_tensors
+        )
+        dt = x.dtype
+        need = ctx.needs_input_grad
+        dout = dout.to(dt).contiguous()
+        w2c = w2.detach().to(dt)
+
+        dy2, dg2, db2 = K.bn_relu_backward(dout, y2, sc2, sh2, mean2, rstd2, g2f, dt)
+        dw2 = K.conv3x3_wgrad(y1, dy2, in_scale=sc1, in_shift=sh1) if need[4] else None
+        dz1 = K.conv3x3_dgrad(dy2, w2c)
+        dy1, dg1, db1 = K.bn_relu_backward(dz1, y1, sc1, sh1, mean1, rstd1, g1f, dt)
+        dw1 = K.conv3x3_wgrad(x, dy1) if need[1] else None
+        dx = K.conv3x3_dgrad(dy1, w1.detach().to(dt)) if need[0] else None
+
+        def keep(grad, i, like):  # a gradient in its input's dtype, only where one is asked for
+            return grad.to(like.dtype) if (grad is not None and need[i]) else None
+
+        g1, b1, g2, b2 = ctx.param_dtypes
+        return (dx, keep(dw1, 1, w1), keep(dg1, 2, g1), keep(db1, 3, b1), keep(dw2, 4, w2),
+                keep(dg2, 5, g2), keep(db2, 6, b2), None, None, None)  # fmt: skip
+
+
+def _fold(conv, bn, dtype):
+    """BN (moving statistics) folded into the conv: (HWIO kernel in ``dtype``, fp32 bias)."""
+    f32 = torch.float32
+    scale = bn.gamma.value.detach().to(f32) * torch.rsqrt(
+        bn.moving_variance.value.detach().to(f32) + bn.epsilon
+    )
+    bias = bn.beta.value.detach().to(f32) - bn.moving_mean.value.detach().to(f32) * scale
+    w = conv.kernel.value.detach().to(f32) * scale
+    return w.to(dtype).contiguous(), bias.contiguous()
+
+
+def double_conv_inference(layer, x):
+    """Inference forward (no autograd): two conv + bias + ReLU kernels with BN folded in."""
+    x = x.contiguous()
+    w1, bias1 = _fold(layer.conv1, layer.bn1, x.dtype)
+    w2, bias2 = _fold(layer.conv2, layer.bn2, x.dtype)
+    h = K.conv3x3(x, w1, bias=bias1, relu=True)
+    return K.conv3x3(h, w2, bias=bias2, relu=True)
+
+
+def _plain(layer, x, training):
+    """The plain Keras sublayers (the reference semantics), for the cases the kernels do not cover."""
+    from keras import ops
+
+    for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
+        x = ops.relu(bn(conv(x), training=training))
+    return x
+
+
+def _update_moving(bn, mean, var):
+    """Exactly ``keras.layers.BatchNormalization``'s update (fp32 arithmetic, biased variance)."""
+    mom = bn.momentum
+    mm = bn.moving_mean.value.detach().to(torch.float32)
+    mv = bn.moving_variance.value.detach().to(torch.float32)
+    bn.moving_mean.assign(mm * mom + mean * (1.0 - mom))
+    bn.moving_variance.assign(mv * mom + var * (1.0 - mom))
+
+
+def _needs_grad(layer, x) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    params = (layer.conv1.kernel, layer.conv2.kernel, layer.bn1.gamma, layer.bn1.beta,
+              layer.bn2.gamma, layer.bn2.beta)  # fmt: skip
+    return bool(x.requires_grad) or any(p.value.requires_grad for p in params)
+
+
+def double_conv_layer_forward(layer, x, training: bool):
+    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x`` (fused path)."""
+    bn1, bn2 = layer.bn1, layer.bn2
+    for bn in (bn1, bn2):
+        if bn.center is False or bn.scale is False or getattr(bn, "renorm", False):
+            return _plain(layer, x, training)  # a non-default BN the kernels do not implement
+    batch_mode = training and bn1.trainable and bn2.trainable
+    frozen = (not training) or (not bn1.trainable and not bn2.trainable)
+    if batch_mode:
+        stats: dict = {}
+        out = DoubleConvTrainFn.apply(
+            x,
+            layer.conv1.kernel.value,
+            bn1.gamma.value,
+            bn1.beta.value,
+            layer.conv2.kernel.value,
+            bn2.gamma.value,
+            bn2.beta.value,
+            float(bn1.epsilon),
+            float(bn2.epsilon),
+            stats,
+        )
+        with torch.no_grad():
+            _update_moving(bn1, stats["mean1"], stats["var1"])
+            _update_moving(bn2, stats["mean2"], stats["var2"])
+        return out
+    if frozen and not _needs_grad(layer, x):
+        return double_conv_inference(layer, x)
+    return _plain(layer, x, training)
