@@ -1,19 +1,189 @@
-"""The ``kunet`` command line: ``kunet demo`` (and more subcommands as they land)."""
+"""The ``kunet`` command line: train, predict, evaluate on image folders, and the demo.
+
+    kunet train    --images DIR --masks DIR --out RUN_DIR [--epochs N] [--time-budget SECONDS] ...
+    kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
+    kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
+
+Bad input (missing partners, unreadable files, size mismatches, labels beyond the classes, empty
+folders, unwritable outputs) ends with ``kunet: error: <message naming the file>`` on stderr and exit
+status 2, without a traceback and without partial outputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kunet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    from kunet import demo
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
-    demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _add_train(sub):
+    from kunet import train as t
+
+    p = sub.add_parser(
+        "train",
+        help="train a UNet on an images/ + masks/ folder pair",
+        description="Train on random augmented patches; keep the best model by validation Dice.",
+    )
+    p.add_argument("--images", required=True, help="folder of images (png, jpg, tif)")
+    p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+    p.add_argument("--out", required=True, help="run folder (best.keras, history, overlays)")
+    p.add_argument(
+        "--num-classes", type=_positive_int, default=None,
+        help="classes including background (2 = binary); default: largest mask label + 1",
+    )
+    p.add_argument("--epochs", type=_positive_int, default=t.DEFAULT_EPOCHS,
+                   help=f"total epochs of the run (default {t.DEFAULT_EPOCHS})")
+    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds, keeping the best checkpoint")
+    p.add_argument("--patch-size", type=_positive_int, default=t.DEFAULT_PATCH_SIZE,
+                   help=f"training patch side in pixels (default {t.DEFAULT_PATCH_SIZE})")
+    p.add_argument("--batch-size", type=_positive_int, default=t.DEFAULT_BATCH_SIZE,
+                   help=f"patches per step (default {t.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--val-split", type=_fraction, default=0.2,
+                   help="fraction of images held out for validation (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--filters", type=_positive_int, nargs="+", default=list(t.DEFAULT_FILTERS),
+                   help="filters per encoder stage (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args):
+    from kunet import train as t
+
+    t.train(
+        args.images,
+        args.masks,
+        args.out,
+        num_classes=args.num_classes,
+        epochs=args.epochs,
+        time_budget=args.time_budget,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        val_split=args.val_split,
+        seed=args.seed,
+        resume=args.resume,
+        filters=tuple(args.filters),
+        verbose=0 if args.quiet else 1,
+    )
+    return 0
+
+
+def _add_predict(sub):
+    p = sub.add_parser(
+        "predict",
+        help="write class-index masks and overlays for images",
+        description="Predict every image (tiled when larger than a tile): <stem>.png holds class "
+        "indices (palette PNG), <stem>_overlay.png shows them on the image.",
+    )
+    p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
+    p.add_argument("--images", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tile-size", type=_positive_int, default=None,
+                   help="tile side for large images (default 256)")
+    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args):
+    from kunet import train as t
+
+    t.predict(args.model, args.images, args.out, tile_size=args.tile_size, tta=args.tta,
+              verbose=0 if args.quiet else 1)
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice and IoU of a model on an images/ + masks/ folder pair",
+        description="Dice and IoU per class over all pixels, and their mean over foreground classes.",
+    )
+    p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+    p.add_argument("--tile-size", type=_positive_int, default=None,
+                   help="tile side for large images (default 256)")
+    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args):
+    from kunet import train as t
+
+    scores = t.evaluate(args.model, args.images, args.masks, tile_size=args.tile_size, tta=args.tta)
+    print(f"{scores['images']} image(s), {scores['num_classes']} classes")
+    print(f"{'class':>6} {'dice':>8} {'iou':>8}")
+    for c in scores["dice"]:
+        print(f"{c:>6} {scores['dice'][c]:8.4f} {scores['iou'][c]:8.4f}")
+    print(f"{'fg mean':>6} {scores['mean_dice']:8.4f} {scores['mean_iou']:8.4f}")
+    if args.json:
+        print(json.dumps(scores), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kunet", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        from kunet import demo
+    except ModuleNotFoundError as e:  # the demo lands separately; the other commands work without it
+        if e.name != "kunet.demo":
+            raise
+    else:
+        demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+
+    from kunet.io import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except DataError as e:
+        print(f"kunet: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a disk that fills up or a folder made read-only mid-run
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kunet: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

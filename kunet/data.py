@@ -1,0 +1,330 @@
+"""Folder datasets: ``images/`` and ``masks/`` paired by file stem, as ``keras.utils.PyDataset``.
+
+Layout::
+
+    data/images/a.png   data/masks/a.png      (any of .png .jpg .jpeg .tif .tiff .bmp, matched by stem)
+    data/images/b.tif   data/masks/b.png
+
+Images may be 8- or 16-bit, grayscale or RGB; each is normalized on its own (:func:`kunet.io.normalize`).
+Masks are class-index images (0 = background): grayscale or palette PNGs, or 0/255 binary masks.
+Every pair is read and checked when the dataset is made (missing partners, unreadable files, size
+mismatches, label values beyond ``num_classes``), each problem raising :class:`DataError` naming the
+file. The data is held in memory (the use case: a few to a few hundred images).
+
+Example:
+    >>> train, val = kunet.data.folder_datasets("data/images", "data/masks", patch_size=128)
+    >>> model = kunet.UNet(num_classes=train.model_num_classes, input_shape=(None, None, train.channels))
+    >>> model.fit(train, validation_data=val, epochs=20)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kunet import augment as _augment
+from kunet.io import DataError, list_images, normalize, read_image, read_mask, to_channels
+
+__all__ = [
+    "DataError",
+    "Sample",
+    "FolderData",
+    "PatchDataset",
+    "TileDataset",
+    "pair_files",
+    "load_folder",
+    "folder_datasets",
+    "model_num_classes",
+    "MAX_INFERRED_CLASSES",
+]
+
+MAX_INFERRED_CLASSES = 64
+
+
+def model_num_classes(num_classes):
+    """The UNet's output channels for masks with ``num_classes`` classes: 1 (one logit) for binary."""
+    return 1 if num_classes <= 2 else num_classes
+
+
+@dataclass
+class Sample:
+    """One image/mask pair in memory: ``image`` normalized float32 (H, W, C), ``mask`` int32 (H, W)."""
+
+    name: str
+    image_path: Path
+    mask_path: Path | None
+    image: np.ndarray
+    mask: np.ndarray | None
+
+
+@dataclass
+class FolderData:
+    """Loaded pairs plus what was inferred: ``num_classes`` (with background, >= 2) and ``channels``."""
+
+    samples: list
+    num_classes: int
+    channels: int
+
+    @property
+    def model_num_classes(self):
+        return model_num_classes(self.num_classes)
+
+
+def pair_files(images, masks):
+    """[(stem, image_path, mask_path)] for ``images`` and ``masks`` folders paired by file stem."""
+    image_files = list_images(images, "images")
+    mask_files = list_images(masks, "masks")
+
+    def by_stem(files, what):
+        table = {}
+        for f in files:
+            if f.stem in table:
+                raise DataError(f"{what}: {table[f.stem]} and {f} have the same stem {f.stem!r}")
+            table[f.stem] = f
+        return table
+
+    image_by_stem = by_stem(image_files, "images")
+    mask_by_stem = by_stem(mask_files, "masks")
+    for stem, path in image_by_stem.items():
+        if stem not in mask_by_stem:
+            raise DataError(f"{path} has no mask (expected {Path(masks) / stem}.<png|tif|...>)")
+    for stem, path in mask_by_stem.items():
+        if stem not in image_by_stem:
+            raise DataError(f"{path} has no image (expected {Path(images) / stem}.<png|tif|...>)")
+    return [(stem, image_by_stem[stem], mask_by_stem[stem]) for stem in sorted(image_by_stem)]
+
+
+def load_folder(images, masks, *, num_classes=None, channels=None):
+    """Read and check every pair of ``images``/``masks``; returns a :class:`FolderData`.
+
+    Args:
+        num_classes: classes in the masks including background (2 = binary; 1 is read as binary
+            too). None: inferred as the largest label + 1 (at least 2).
+        channels: the channels the images are converted to (1 or 3). None: 3 if any image is RGB,
+            else 1.
+    """
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise DataError(f"num_classes must be a positive int; got {num_classes!r}")
+    if num_classes == 1:
+        num_classes = 2
+    pairs = pair_files(images, masks)
+    samples = []
+    largest, largest_path = 0, None
+    for stem, image_path, mask_path in pairs:
+        image = read_image(image_path)
+        mask = read_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise DataError(
+                f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
+        top = int(mask.max(initial=0))
+        if num_classes is not None and top >= num_classes:
+            raise DataError(
+                f"{mask_path} has label {top} but num_classes is {num_classes} "
+                f"(labels must be 0..{num_classes - 1})"
+            )
+        if top > largest:
+            largest, largest_path = top, mask_path
+        samples.append(Sample(stem, image_path, mask_path, image, mask))
+    if num_classes is None:
+        num_classes = max(2, largest + 1)
+        if num_classes > MAX_INFERRED_CLASSES:
+            raise DataError(
+                f"{largest_path} has label {largest}: {num_classes} classes inferred, which looks "
+                "like an instance-label mask; give the number of classes explicitly if it is right"
+            )
+    if channels is None:
+        channels = 3 if any(s.image.shape[-1] == 3 for s in samples) else 1
+    for s in samples:
+        s.image = normalize(to_channels(s.image, channels, s.image_path))
+    return FolderData(samples, num_classes, channels)
+
+
+def _targets(masks, num_classes):
+    y = np.stack(masks)
+    return y.astype("float32") if model_num_classes(num_classes) == 1 else y.astype("int32")
+
+
+class PatchDataset(keras.utils.PyDataset):
+    """Random (augmented) ``patch_size`` patches of in-memory samples, for training.
+
+    Deterministic: batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. The epoch counter
+    advances in ``on_epoch_end`` (set :attr:`epoch` to resume). Each epoch visits the images in a
+    shuffled order (``shuffle=True``), cycling until ``patches_per_epoch`` patches.
+
+    Yields ``(x, y)``: x float32 (B, P, P, C); y float32 {0, 1} (B, P, P) for binary data (model with
+    one output channel), int32 class indices otherwise.
+    """
+
+    def __init__(
+        self,
+        samples,
+        num_classes,
+        patch_size=128,
+        batch_size=4,
+        patches_per_epoch=None,
+        shuffle=True,
+        augment=True,
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not samples:
+            raise DataError("no training images")
+        self.samples = list(samples)
+        self.num_classes = int(num_classes)
+        self.model_num_classes = model_num_classes(self.num_classes)
+        self.channels = self.samples[0].image.shape[-1]
+        self.patch_size = _size(patch_size)
+        self.batch_size = int(batch_size)
+        if patches_per_epoch is None:
+            area = sum(s.image.shape[0] * s.image.shape[1] for s in self.samples)
+            per_patch = self.patch_size[0] * self.patch_size[1]
+            patches_per_epoch = max(len(self.samples), math.ceil(2 * area / per_patch), 16)
+        self.patches_per_epoch = int(patches_per_epoch)
+        self.shuffle = bool(shuffle)
+        if augment is True:
+            augment = _augment.Augment()
+        elif augment in (False, None):
+            augment = _augment.Augment.none()
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self):
+        return math.ceil(self.patches_per_epoch / self.batch_size)
+
+    def _order(self):
+        n = len(self.samples)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epoch, 0xA11]).permutation(n)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        order = self._order()
+        start = index * self.batch_size
+        stop = min(start + self.batch_size, self.patches_per_epoch)
+        images, masks = [], []
+        for k in range(start, stop):
+            sample = self.samples[order[k % len(order)]]
+            rng = np.random.default_rng([self.seed, self.epoch, k])
+            image, mask = self.augment.patch(sample.image, sample.mask, self.patch_size, rng=rng)
+            images.append(image)
+            masks.append(mask)
+        return np.stack(images).astype("float32"), _targets(masks, self.num_classes)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+class TileDataset(keras.utils.PyDataset):
+    """Every sample cut into a fixed grid of ``patch_size`` tiles, in order: for validation.
+
+    The last tile of a row or column is flush with the image's edge; images smaller than the tile are
+    mirrored to fill it. Same ``(x, y)`` format as :class:`PatchDataset`.
+    """
+
+    def __init__(self, samples, num_classes, patch_size=128, batch_size=4, **kwargs):
+        super().__init__(**kwargs)
+        if not samples:
+            raise DataError("no validation images")
+        self.samples = list(samples)
+        self.num_classes = int(num_classes)
+        self.model_num_classes = model_num_classes(self.num_classes)
+        self.channels = self.samples[0].image.shape[-1]
+        self.patch_size = _size(patch_size)
+        self.batch_size = int(batch_size)
+        self.tiles = [
+            (i, corner)
+            for i, s in enumerate(self.samples)
+            for corner in _augment.grid_crops(s.image.shape, self.patch_size)
+        ]
+
+    def __len__(self):
+        return math.ceil(len(self.tiles) / self.batch_size)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        images, masks = [], []
+        for i, corner in self.tiles[index * self.batch_size : (index + 1) * self.batch_size]:
+            s = self.samples[i]
+            image, mask = _augment.crop(s.image, s.mask, corner, self.patch_size)
+            images.append(image)
+            masks.append(mask)
+        return np.stack(images).astype("float32"), _targets(masks, self.num_classes)
+
+
+def _size(size):
+    if np.isscalar(size):
+        size = (int(size), int(size))
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise DataError(f"patch_size must be a positive int or (h, w); got {size!r}")
+    return size
+
+
+def split(samples, val_split, seed=0):
+    """(train, val) lists: a seeded random ``val_split`` fraction (at least one) for validation.
+
+    With a single sample, or ``val_split == 0``, validation uses the training samples.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise DataError(f"val_split must be in [0, 1); got {val_split!r}")
+    n = len(samples)
+    if n < 2 or val_split == 0:
+        return list(samples), list(samples)
+    n_val = min(n - 1, max(1, round(n * val_split)))
+    order = np.random.default_rng([seed, 0x5B1]).permutation(n)
+    val = sorted(order[:n_val].tolist())
+    train = sorted(order[n_val:].tolist())
+    return [samples[i] for i in train], [samples[i] for i in val]
+
+
+def folder_datasets(
+    images,
+    masks,
+    *,
+    patch_size=128,
+    batch_size=4,
+    val_split=0.2,
+    seed=0,
+    shuffle=True,
+    augment=True,
+    num_classes=None,
+    channels=None,
+    patches_per_epoch=None,
+    **kwargs,
+):
+    """Training and validation datasets from ``images``/``masks`` folders.
+
+    Returns ``(train, val)``: a :class:`PatchDataset` of random augmented patches and a
+    :class:`TileDataset` of the held-out images' tiles. Both carry ``num_classes`` (mask classes,
+    with background), ``model_num_classes`` (what ``kunet.UNet(num_classes=...)`` needs: 1 for binary)
+    and ``channels``. ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) go to
+    ``keras.utils.PyDataset``.
+    """
+    data = load_folder(images, masks, num_classes=num_classes, channels=channels)
+    train_samples, val_samples = split(data.samples, val_split, seed)
+    train = PatchDataset(
+        train_samples,
+        data.num_classes,
+        patch_size=patch_size,
+        batch_size=batch_size,
+        patches_per_epoch=patches_per_epoch,
+        shuffle=shuffle,
+        augment=augment,
+        seed=seed,
+        **kwargs,
+    )
+    val = TileDataset(val_samples, data.num_classes, patch_size, batch_size, **kwargs)
+    return train, val
