@@ -1,0 +1,241 @@
+"""``kunet train | predict | evaluate`` on small generated folders, and every kind of bad input.
+
+Each bad input must end with exit status 2, one line ``kunet: error: ...`` naming the file on stderr,
+no traceback and nothing left in the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kunet.cli import main
+
+TINY = ["--patch-size", "32", "--batch-size", "4", "--filters", "4", "8", "--quiet"]
+
+
+def make_folder(root, n=4, size=(40, 48), classes=2, seed=0):
+    """images/ + masks/ of bright disks on noise: 0/255 masks if binary, else palette masks."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    for i in range(n):
+        mask = np.zeros(size, "uint8")
+        for c in range(1, classes):
+            for _ in range(2):
+                cy, cx = rng.uniform(8, size[0] - 8), rng.uniform(8, size[1] - 8)
+                mask[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(16, 49)] = c
+        image = (70 * mask + rng.normal(40, 8, size)).clip(0, 255).astype("uint8")
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        if classes == 2:
+            Image.fromarray(mask * 255).save(root / "masks" / f"im{i}.png")
+        else:
+            pal = Image.fromarray(mask, mode="P")
+            pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+            pal.save(root / "masks" / f"im{i}.png")
+    return root / "images", root / "masks"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short binary run shared by the workflow tests: train 2 epochs."""
+    root = tmp_path_factory.mktemp("workflow")
+    images, masks = make_folder(root / "data", n=5)
+    out = root / "run"
+    code = main(["train", "--images", str(images), "--masks", str(masks), "--out", str(out),
+                 "--epochs", "2", *TINY])
+    assert code == 0
+    return images, masks, out
+
+
+# ---------------------------------------------------------------------------------- workflow
+def test_train_writes_the_run_folder(trained):
+    _, _, out = trained
+    for name in ("best.keras", "last.keras", "state.json", "history.csv", "history.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "overlays").glob("*.png"))
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 2 and state["num_classes"] == 2 and state["best_epoch"] in (1, 2)
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "val_dice" in rows[0]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_predict_writes_masks_and_overlays(trained, tmp_path, capsys):
+    images, _, run_dir = trained
+    out = tmp_path / "pred"
+    code, stdout, _ = run(capsys, "predict", "--model", run_dir / "best.keras", "--images", images,
+                          "--out", out, "--tile-size", "32")
+    assert code == 0 and "im0.png" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"im{i}.png" for i in range(5)] + [f"im{i}_overlay.png" for i in range(5)])
+    mask = np.asarray(Image.open(out / "im0.png"))
+    assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 1}
+    assert Image.open(out / "im0_overlay.png").mode == "RGB"
+    # One file works too, with TTA.
+    code, _, _ = run(capsys, "predict", "--model", run_dir / "best.keras", "--images",
+                     images / "im1.png", "--out", tmp_path / "one", "--tta")
+    assert code == 0 and (tmp_path / "one" / "im1.png").is_file()
+
+
+def test_evaluate_prints_scores_and_json_last(trained, capsys):
+    images, masks, run_dir = trained
+    code, stdout, _ = run(capsys, "evaluate", "--model", run_dir / "best.keras", "--images", images,
+                          "--masks", masks, "--json")
+    assert code == 0
+    scores = json.loads(stdout.strip().splitlines()[-1])
+    assert set(scores["dice"]) == {"0", "1"} and set(scores["iou"]) == {"0", "1"}
+    assert scores["mean_dice"] == scores["dice"]["1"]
+    assert 0.0 <= scores["mean_iou"] <= scores["mean_dice"] <= 1.0
+    assert "fg mean" in stdout
+
+
+def test_resume_continues_the_run(trained, tmp_path, capsys):
+    images, masks, run_dir = trained
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for p in run_dir.iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", copy,
+                       "--epochs", "3", "--resume", *TINY)
+    assert code == 0, err
+    assert json.loads((copy / "state.json").read_text())["epoch"] == 3
+    with open(copy / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+    # Without --resume an existing run is not overwritten.
+    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", copy, *TINY)
+    assert code == 2 and "already holds a run" in err
+
+
+def test_multiclass_with_time_budget(tmp_path, capsys):
+    images, masks = make_folder(tmp_path / "data", n=3, classes=3)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
+                       "--epochs", "50", "--time-budget", "0.01", *TINY)
+    assert code == 0, err
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 1 and state["num_classes"] == 3  # stopped in the first epoch
+    assert (out / "best.keras").is_file()
+    code, stdout, _ = run(capsys, "evaluate", "--model", out / "best.keras", "--images", images,
+                          "--masks", masks, "--json")
+    scores = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and set(scores["dice"]) == {"0", "1", "2"}
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _fails(capsys, argv, *needles, out=None):
+    code, _, err = run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("kunet: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    return lines[0]
+
+
+def _train(images, masks, out, *extra):
+    return ["train", "--images", images, "--masks", masks, "--out", out, "--epochs", "1", *TINY,
+            *extra]
+
+
+def test_bad_training_folders(tmp_path, capsys):
+    out = tmp_path / "run"
+    images, masks = make_folder(tmp_path / "a")
+    (masks / "im2.png").unlink()
+    _fails(capsys, _train(images, masks, out), "im2.png", "no mask", out=out)
+
+    images, masks = make_folder(tmp_path / "b")
+    (images / "im3.png").unlink()
+    _fails(capsys, _train(images, masks, out), "masks/im3.png", "no image", out=out)
+
+    images, masks = make_folder(tmp_path / "c")
+    Image.fromarray(np.zeros((40, 40), "uint8")).save(masks / "im1.png")
+    _fails(capsys, _train(images, masks, out), "im1.png", "40x40", out=out)
+
+    images, masks = make_folder(tmp_path / "d")
+    (images / "im0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _fails(capsys, _train(images, masks, out), "images/im0.png", "cannot read", out=out)
+
+    images, masks = make_folder(tmp_path / "e", classes=4)
+    _fails(capsys, _train(images, masks, out, "--num-classes", "3"), "masks/im", "label 3", out=out)
+
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, _train(tmp_path / "empty", masks, out), "empty", "no image files", out=out)
+    _fails(capsys, _train(images, tmp_path / "missing", out), "missing", "does not exist", out=out)
+
+
+def test_unwritable_output(tmp_path, capsys):
+    images, masks = make_folder(tmp_path / "data")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _fails(capsys, _train(images, masks, blocker / "run"), "a_file")
+    _fails(capsys, _train(images, masks, blocker), "a_file", "not a folder")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _fails(capsys, _train(images, masks, locked), "locked", "not writable")
+
+
+def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
+    images, masks, run_dir = trained
+    model = run_dir / "best.keras"
+    out = tmp_path / "pred"
+    _fails(capsys, ["predict", "--model", tmp_path / "nope.keras", "--images", images, "--out", out],
+           "nope.keras", out=out)
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a zip")
+    _fails(capsys, ["predict", "--model", junk, "--images", images, "--out", out], "junk.keras",
+           out=out)
+    # An unreadable image in the middle of a folder: no partial outputs, even in an existing folder.
+    bad = tmp_path / "bad_images"
+    bad.mkdir()
+    for p in images.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "im3.png").write_bytes(b"garbage")
+    out.mkdir()
+    _fails(capsys, ["predict", "--model", model, "--images", bad, "--out", out], "im3.png", out=out)
+    assert out.is_dir()
+    _fails(capsys, ["predict", "--model", model, "--images", tmp_path / "none", "--out", out],
+           "none", out=out)
+    # evaluate: labels beyond the model's classes, and a missing mask.
+    wrong = tmp_path / "wrong_masks"
+    wrong.mkdir()
+    for p in masks.iterdir():
+        Image.fromarray((np.asarray(Image.open(p)) > 0).astype("uint8") * 2).save(wrong / p.name)
+    _fails(capsys, ["evaluate", "--model", model, "--images", images, "--masks", wrong],
+           "wrong_masks/im0.png", "label 2")
+    (wrong / "im4.png").unlink()
+    _fails(capsys, ["evaluate", "--model", model, "--images", images, "--masks", wrong], "im4.png")
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    images, masks = make_folder(tmp_path / "data", n=2)
+    (masks / "im1.png").unlink()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kunet.cli", *map(str, _train(images, masks, tmp_path / "run"))],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("kunet: error: ")
+    assert "im1.png" in proc.stderr
+    assert not (tmp_path / "run").exists()
