@@ -41,7 +41,7 @@ import triton.language as tl
 # sm_80 and sm_90 in fp16/bf16/fp32 and fails on any spill.  BM=128, BN=64, BK=32 with 4 warps spilled
 # (DESIGN.md §4); 64x64x32 with 4 warps keeps the fp32 accumulator at 32 registers per thread.
 CONFIGS = {
-    "conv3x3": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 2},
+    "conv3x3": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 8, "num_stages": 2},
     "wgrad": {"BM": 32, "BCI": 32, "BCO": 64, "num_warps": 4, "num_stages": 2},
     "finalize": {"BT": 32, "BC": 64, "num_warps": 4, "num_stages": 1},
     "elementwise": {"BM": 32, "BC": 64, "num_warps": 4, "num_stages": 1},
@@ -94,7 +94,7 @@ def conv3x3_kernel(
             ih = oh + (r - 1)
             iw = ow + (s - 1)
             tap_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row = ((ob * H + ih) * W + iw).to(tl.int64) * C_IN
+            row = ((ob * H + ih) * W + iw) * C_IN
             for k0 in range(0, C_IN, BK):
                 kk = k0 + offs_k
                 k_ok = kk < C_IN
@@ -106,7 +106,7 @@ def conv3x3_kernel(
                     t = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
                     # zero padding is applied to the *normalized* activation: keep borders at 0
                     a = tl.where(a_mask, t, 0.0).to(x_ptr.dtype.element_ty)
-                w_rows = ((r * 3 + s) * C_IN + kk).to(tl.int64) * C_OUT
+                w_rows = ((r * 3 + s) * C_IN + kk) * C_OUT
                 b = tl.load(
                     w_ptr + w_rows[:, None] + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :],
@@ -123,7 +123,7 @@ def conv3x3_kernel(
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    y_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    y_offs = offs_m[:, None] * C_OUT + offs_n[None, :]
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     if STATS:
         count = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
