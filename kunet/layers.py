@@ -12,7 +12,7 @@ from keras import ops
 
 from kunet import _fused
 
-_PACKAGE = "kunet"
+_PACKAGE = "kunet.layers"
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)

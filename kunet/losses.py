@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-_PACKAGE = "kunet"
+_PACKAGE = "kunet.losses"
 
 
 def _binary_target(y_true, y_pred):

@@ -17,7 +17,7 @@ from keras import ops
 
 from kunet.losses import _binary_target, _sparse_labels
 
-_PACKAGE = "kunet"
+_PACKAGE = "kunet.metrics"
 
 
 class _OverlapMetric(keras.metrics.Metric):

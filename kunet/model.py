@@ -179,6 +179,9 @@ class UNet(keras.Model):
             loss = self.default_loss()
         if metrics is None:
             metrics = self.default_metrics()
+        # Keras records the *resolved* jit_compile (False under torch); keep what was asked for so
+        # a model saved under one backend does not lose XLA compilation when loaded under another.
+        self._requested_jit_compile = kwargs.get("jit_compile", "auto")
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def get_compile_config(self):
@@ -187,10 +190,14 @@ class UNet(keras.Model):
         Keras records the torch backend's optimizer under ``keras.src.backend.torch...``; loading
         that under TensorFlow or JAX would import Keras' torch backend (and abort a TensorFlow
         process). The public ``keras.optimizers`` name resolves to the right class on every backend.
+        Likewise ``jit_compile`` is saved as requested ("auto" by default), not as this backend
+        resolved it.
         """
         config = super().get_compile_config()
         if config and isinstance(config.get("optimizer"), dict):
             config["optimizer"] = _portable_optimizer_config(config["optimizer"])
+        if config and "jit_compile" in config:
+            config["jit_compile"] = getattr(self, "_requested_jit_compile", "auto")
         return config
 
     def compile_from_config(self, config):

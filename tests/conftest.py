@@ -1,0 +1,77 @@
+"""Shared test setup: one tests/ tree runs under every Keras backend (KERAS_BACKEND).
+
+Tests marked ``@pytest.mark.tensorflow`` / ``jax`` / ``torch`` run only under that backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    for item in items:
+        for other in BACKENDS:
+            if other != backend and item.get_closest_marker(other):
+                item.add_marker(
+                    pytest.mark.skip(reason=f"{other}-only test; KERAS_BACKEND={backend}")
+                )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def binary_data():
+    """Tiny learnable binary task: bright squares on noise, 32x32, 1 channel."""
+    rng = np.random.default_rng(0)
+    n, size = 8, 32
+    masks = np.zeros((n, size, size), "float32")
+    for i in range(n):
+        r, c = rng.integers(4, 20, size=2)
+        masks[i, r : r + 10, c : c + 10] = 1.0
+    images = (0.6 * masks + 0.2 * rng.random((n, size, size))).astype("float32")[..., None]
+    return images, masks
+
+
+@pytest.fixture
+def multiclass_data():
+    """Tiny 3-class task: class 1 squares, class 2 bars, 32x32, 1 channel, int masks (N,H,W)."""
+    rng = np.random.default_rng(1)
+    n, size = 8, 32
+    masks = np.zeros((n, size, size), "int32")
+    for i in range(n):
+        r, c = rng.integers(2, 18, size=2)
+        masks[i, r : r + 8, c : c + 8] = 1
+        masks[i, :, (c + 12) % 28 : (c + 12) % 28 + 3] = 2
+    images = (masks / 2.0 + 0.2 * rng.random((n, size, size))).astype("float32")[..., None]
+    return images, masks
+
+
+@pytest.fixture
+def make_unet():
+    """Factory for tiny UNets (filters (4, 8), 1 input channel unless overridden)."""
+    import kunet
+
+    def make(**kwargs):
+        kwargs.setdefault("filters", (4, 8))
+        kwargs.setdefault("input_shape", (None, None, 1))
+        return kunet.UNet(**kwargs)
+
+    return make
