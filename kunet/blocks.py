@@ -57,6 +57,4 @@ def segmentation_head(x, num_classes, *, activation=None, name="head"):
 
     The head always computes in float32, so logits and probabilities stay accurate under mixed precision.
     """
-    return keras.layers.Conv2D(
-        num_classes, 1, activation=activation, dtype="float32", name=name
-    )(x)
+    return keras.layers.Conv2D(num_classes, 1, activation=activation, dtype="float32", name=name)(x)

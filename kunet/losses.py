@@ -59,9 +59,7 @@ class _OverlapLoss(keras.losses.Loss):
 
     alpha = beta = 0.5
 
-    def __init__(
-        self, from_logits=True, smooth=1.0, include_background=True, name=None, **kwargs
-    ):
+    def __init__(self, from_logits=True, smooth=1.0, include_background=True, name=None, **kwargs):
         super().__init__(name=name or type(self).__name__.lower(), **kwargs)
         self.from_logits = from_logits
         self.smooth = float(smooth)

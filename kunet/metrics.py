@@ -86,7 +86,8 @@ class _OverlapMetric(keras.metrics.Metric):
     def per_class_result(self):
         """Every class's score, shape (num_classes,)."""
         return self._score(
-            ops.convert_to_tensor(self.tp), ops.convert_to_tensor(self.fp),
+            ops.convert_to_tensor(self.tp),
+            ops.convert_to_tensor(self.fp),
             ops.convert_to_tensor(self.fn),
         )
 

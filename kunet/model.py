@@ -34,9 +34,7 @@ def _check_config(num_classes, filters, input_shape, upsampling, dropout, output
         if d is not None and (not isinstance(d, int) or d < 1):
             raise ValueError(f"input_shape's H and W must be None or positive; got {input_shape!r}")
     if upsampling not in blocks.UPSAMPLING_MODES:
-        raise ValueError(
-            f"upsampling must be one of {blocks.UPSAMPLING_MODES}; got {upsampling!r}"
-        )
+        raise ValueError(f"upsampling must be one of {blocks.UPSAMPLING_MODES}; got {upsampling!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
     if output_activation not in (None, "sigmoid", "softmax", "linear"):
@@ -159,7 +157,7 @@ class UNet(keras.Model):
 
     def default_metrics(self):
         """The metrics ``compile()`` uses when none are given: Dice and IoU (foreground mean)."""
-        from kunet.metrics import IoU, Dice
+        from kunet.metrics import Dice, IoU
 
         from_logits = self.output_activation is None
         return [

@@ -60,8 +60,9 @@ def test_multiclass_mean_over_foreground_and_per_class():
     dice.update_state(y[..., None], logits)  # (N,H,W,1) masks work too
     iou.update_state(y, logits)
     ref_dice, ref_iou = _np_scores(y.reshape(-1), logits.argmax(-1).reshape(-1), 4)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(dice.per_class_result()), ref_dice,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dice.per_class_result()), ref_dice, rtol=1e-6
+    )
     np.testing.assert_allclose(_result(dice), ref_dice[1:].mean(), rtol=1e-6)
     np.testing.assert_allclose(_result(iou), ref_iou[1:].mean(), rtol=1e-6)
     only2 = metrics.Dice(num_classes=4, class_id=2)

@@ -11,9 +11,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from conftest import BACKENDS
 
 import kunet
-from conftest import BACKENDS
 
 BACKEND = keras.backend.backend()
 
@@ -36,7 +36,7 @@ def test_keras_round_trip_identical(tmp_path, make_unet, multiclass_data):
     # compiled state comes back: same loss/metrics classes, optimizer state restored
     assert isinstance(loaded.loss, kunet.losses.CEDice)
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) > 0
-    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     assert loaded.fit(*multiclass_data, epochs=1, verbose=0).history["dice"]
 
@@ -85,9 +85,18 @@ def test_saved_here_loads_under_other_backend(tmp_path, make_unet, multiclass_da
     expected = model.predict(x, verbose=0)
     env = {**os.environ, "KERAS_BACKEND": target, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, str(tmp_path / "m.keras"),
-         str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_SCRIPT,
+            str(tmp_path / "m.keras"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded under {target}" in result.stdout

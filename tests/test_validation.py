@@ -31,7 +31,9 @@ def test_images_must_be_4d(model):
 
 @pytest.mark.parametrize("shape", [(2, 16, 15), (3, 16, 16), (2, 16, 16, 2), (2, 16)])
 def test_mask_shape_must_match_images(model, shape):
-    with pytest.raises(ValueError, match=r"y has shape .*does not match x of shape \(2, 16, 16, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"y has shape .*does not match x of shape \(2, 16, 16, 1\)"
+    ):
         model.fit(_images(), np.zeros(shape, "int32"), verbose=0)
 
 
@@ -43,7 +45,9 @@ def test_one_hot_masks_get_a_hint(model):
 def test_mask_values_beyond_num_classes(model):
     masks = np.zeros((2, 16, 16), "int32")
     masks[1, 3, 4] = 3
-    with pytest.raises(ValueError, match=r"y values must be class indices in \[0, 2\].*from 0 to 3"):
+    with pytest.raises(
+        ValueError, match=r"y values must be class indices in \[0, 2\].*from 0 to 3"
+    ):
         model.fit(_images(), masks, verbose=0)
     with pytest.raises(ValueError, match="from -1 to 0"):
         model.fit(_images(), masks * 0 - (masks > 0), verbose=0)
