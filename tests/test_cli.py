@@ -124,7 +124,7 @@ def test_resume_continues_the_run(trained, tmp_path, capsys):
 
 
 def test_multiclass_with_time_budget(tmp_path, capsys):
-    images, masks = make_folder(tmp_path / "data", n=3, classes=3)
+    images, masks = make_folder(tmp_path / "data", n=2, classes=3)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
                        "--epochs", "50", "--time-budget", "0.01", *TINY)

@@ -155,7 +155,7 @@ def test_fit_takes_the_folder_dataset(tmp_path):
     train, val = data.folder_datasets(
         *make_folder(tmp_path), patch_size=16, batch_size=2, patches_per_epoch=4
     )
-    model = kunet.UNet(num_classes=train.model_num_classes, filters=(4,),
+    model = kunet.UNet(num_classes=train.model_num_classes, filters=(4, 8),
                        input_shape=(None, None, train.channels))
     history = model.fit(train, validation_data=val, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

@@ -78,17 +78,21 @@ def test_tiled_matches_whole_image_prediction_away_from_the_borders():
     assert tiled.shape == whole.shape == (96, 128, 3)
     np.testing.assert_allclose(tiled.sum(-1), 1.0, rtol=1e-5)  # blended probabilities
     inner = np.s_[16:-16, 16:-16]
-    assert np.abs(tiled[inner] - whole[inner]).max() < 0.02
-    assert (to_labels(tiled[inner]) == to_labels(whole[inner])).mean() > 0.98
+    error = np.abs(tiled[inner] - whole[inner])
+    # Probabilities of this random net spread ~0.05 around 1/3; tiles agree to a small fraction.
+    assert error.max() < 0.02 and error.mean() < 0.001
+    flat = predict_tiled(model, image, tile_size=64, overlap=0.5, blend="constant", batch_size=4)
+    assert np.abs(flat[inner] - whole[inner]).mean() > error.mean()  # why Gaussian is the default
+    assert to_labels(tiled).shape == (96, 128)
 
 
 def test_tta_averages_flips_and_keeps_the_shape():
-    model = kunet.UNet(num_classes=1, filters=(4,), input_shape=(None, None, 1))
+    model = kunet.UNet(num_classes=1, filters=(4, 8), input_shape=(None, None, 1))
     image = np.random.default_rng(2).random((40, 40, 1)).astype("float32")
     plain = predict_tiled(model, image, tile_size=32, batch_size=2)
     tta = predict_tiled(model, image, tile_size=32, batch_size=2, tta=True)
     assert tta.shape == plain.shape == (40, 40, 1)
-    assert 0.0 <= tta.min() and tta.max() <= 1.0  # sigmoid applied to the logits
+    assert tta.min() >= 0.0 and tta.max() <= 1.0  # sigmoid applied to the logits
     # TTA of a flipped image is the flipped TTA (flip-equivariant by construction).
     flipped = predict_tiled(model, image[:, ::-1], tile_size=32, batch_size=2, tta=True)
     np.testing.assert_allclose(flipped[:, ::-1], tta, atol=1e-4)
