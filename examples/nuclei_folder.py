@@ -34,7 +34,9 @@ TILE = 128
 def stardist_files():
     spec = importlib.util.find_spec("stardist")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("examples/nuclei_folder.py: needs the stardist wheel's data: pip install --no-deps stardist")
+        sys.exit(
+            "examples/nuclei_folder.py: needs the stardist wheel's data: pip install --no-deps stardist"
+        )
     images = Path(spec.submodule_search_locations[0]) / "data" / "images"
     return images / "img2d.tif", images / "mask2d.tif"
 

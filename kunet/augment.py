@@ -63,9 +63,9 @@ def _upsample_grid(coarse, h, w):
     gh, gw = coarse.shape
     ys = np.linspace(0, gh - 1, h)
     xs = np.linspace(0, gw - 1, w)
-    return sample_bilinear(coarse[..., None].astype("float32"), *np.meshgrid(ys, xs, indexing="ij"))[
-        ..., 0
-    ]
+    return sample_bilinear(
+        coarse[..., None].astype("float32"), *np.meshgrid(ys, xs, indexing="ij")
+    )[..., 0]
 
 
 def _centre(n, half, rng):
@@ -202,7 +202,7 @@ def random_crop(image, mask, size, rng):
 def grid_crops(shape, size):
     """Top-left corners of ``size`` tiles covering an image of ``shape`` (last tile flush)."""
     corners = []
-    for axis_len, tile in zip(shape[:2], size):
+    for axis_len, tile in zip(shape[:2], size, strict=True):
         if axis_len <= tile:
             corners.append([0])
             continue

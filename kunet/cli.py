@@ -58,23 +58,51 @@ def _add_train(sub):
     p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
     p.add_argument("--out", required=True, help="run folder (best.keras, history, overlays)")
     p.add_argument(
-        "--num-classes", type=_positive_int, default=None,
+        "--num-classes",
+        type=_positive_int,
+        default=None,
         help="classes including background (2 = binary); default: largest mask label + 1",
     )
-    p.add_argument("--epochs", type=_positive_int, default=t.DEFAULT_EPOCHS,
-                   help=f"total epochs of the run (default {t.DEFAULT_EPOCHS})")
-    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
-                   help="stop after this many seconds, keeping the best checkpoint")
-    p.add_argument("--patch-size", type=_positive_int, default=t.DEFAULT_PATCH_SIZE,
-                   help=f"training patch side in pixels (default {t.DEFAULT_PATCH_SIZE})")
-    p.add_argument("--batch-size", type=_positive_int, default=t.DEFAULT_BATCH_SIZE,
-                   help=f"patches per step (default {t.DEFAULT_BATCH_SIZE})")
-    p.add_argument("--val-split", type=_fraction, default=0.2,
-                   help="fraction of images held out for validation (default 0.2)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=t.DEFAULT_EPOCHS,
+        help=f"total epochs of the run (default {t.DEFAULT_EPOCHS})",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds, keeping the best checkpoint",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        default=t.DEFAULT_PATCH_SIZE,
+        help=f"training patch side in pixels (default {t.DEFAULT_PATCH_SIZE})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=t.DEFAULT_BATCH_SIZE,
+        help=f"patches per step (default {t.DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--val-split",
+        type=_fraction,
+        default=0.2,
+        help="fraction of images held out for validation (default 0.2)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--filters", type=_positive_int, nargs="+", default=list(t.DEFAULT_FILTERS),
-                   help="filters per encoder stage (default %(default)s)")
+    p.add_argument(
+        "--filters",
+        type=_positive_int,
+        nargs="+",
+        default=list(t.DEFAULT_FILTERS),
+        help="filters per encoder stage (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
@@ -110,8 +138,12 @@ def _add_predict(sub):
     p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
     p.add_argument("--images", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tile-size", type=_positive_int, default=None,
-                   help="tile side for large images (default 256)")
+    p.add_argument(
+        "--tile-size",
+        type=_positive_int,
+        default=None,
+        help="tile side for large images (default 256)",
+    )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=_run_predict)
@@ -120,8 +152,14 @@ def _add_predict(sub):
 def _run_predict(args):
     from kunet import train as t
 
-    t.predict(args.model, args.images, args.out, tile_size=args.tile_size, tta=args.tta,
-              verbose=0 if args.quiet else 1)
+    t.predict(
+        args.model,
+        args.images,
+        args.out,
+        tile_size=args.tile_size,
+        tta=args.tta,
+        verbose=0 if args.quiet else 1,
+    )
     return 0
 
 
@@ -134,8 +172,12 @@ def _add_evaluate(sub):
     p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
-    p.add_argument("--tile-size", type=_positive_int, default=None,
-                   help="tile side for large images (default 256)")
+    p.add_argument(
+        "--tile-size",
+        type=_positive_int,
+        default=None,
+        help="tile side for large images (default 256)",
+    )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
     p.set_defaults(func=_run_evaluate)
@@ -157,13 +199,16 @@ def _run_evaluate(args):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kunet", description=__doc__.split("\n\n")[0],
+        prog="kunet",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     try:
         from kunet import demo
-    except ModuleNotFoundError as e:  # the demo lands separately; the other commands work without it
+    except (
+        ModuleNotFoundError
+    ) as e:  # the demo lands separately; the other commands work without it
         if e.name != "kunet.demo":
             raise
     else:

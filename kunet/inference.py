@@ -69,6 +69,7 @@ def _activate(y, activation):
 
 def _run(model, batch, activation, tta):
     """Model outputs for a batch (N, h, w, C) -> activated numpy (N, h, w, K), flip-averaged if tta."""
+
     def once(x):
         return _activate(np.asarray(model.predict_on_batch(x)), activation)
 
@@ -133,8 +134,9 @@ def predict_tiled(
     # Images smaller than a tile are mirrored up to the tile size, and cropped back at the end.
     PH, PW = max(H, th), max(W, tw)
     if (PH, PW) != (H, W):
-        ys, xs = np.meshgrid(np.arange(PH, dtype="float64"), np.arange(PW, dtype="float64"),
-                             indexing="ij")
+        ys, xs = np.meshgrid(
+            np.arange(PH, dtype="float64"), np.arange(PW, dtype="float64"), indexing="ij"
+        )
         image = sample_nearest(image, ys, xs)
     weights = window((th, tw), blend)[..., None]
     ys = tile_starts(PH, th, max(1, int(round(th * (1 - overlap)))))

@@ -130,9 +130,10 @@ def read_mask(path):
             )
     if array.ndim != 2:
         raise DataError(f"{path}: expected a 2D mask; got an array of shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(np.mod(array, 1) == 0):
-            raise DataError(f"{path}: mask must hold integer class indices")
+    if np.issubdtype(array.dtype, np.floating) and not (
+        np.all(np.isfinite(array)) and np.all(np.mod(array, 1) == 0)
+    ):
+        raise DataError(f"{path}: mask must hold integer class indices")
     if array.dtype == bool:
         array = array.astype("uint8")
     if array.size and array.min() < 0:
@@ -260,7 +261,9 @@ def check_writable(folder, what="output folder"):
             folder.mkdir(parents=True)
             created = True
         except OSError as e:
-            raise DataError(f"{what} {folder}: cannot create it ({_one_line(e.strerror)})") from None
+            raise DataError(
+                f"{what} {folder}: cannot create it ({_one_line(e.strerror)})"
+            ) from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".kunet-probe-", dir=folder)
         os.close(fd)

@@ -305,7 +305,7 @@ def plot_history(csv_path, png_path):
         return False
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ("loss", "dice")):
+    for ax, key in zip(axes, ("loss", "dice"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             name = prefix + key
             if name in rows[0]:
@@ -366,7 +366,9 @@ def predict(model_path, images, out, *, tile_size=None, tta=False, verbose=1):
             image = kio.normalize(kio.to_channels(kio.read_image(f), channels, f))
             labels = predict_labels(model, image, tile_size=tile_size, tta=tta)
             kio.write_mask(staging / f"{f.stem}.png", labels, num_classes)
-            kio.write_rgb(staging / f"{f.stem}_overlay.png", kio.overlay(image, labels, num_classes))
+            kio.write_rgb(
+                staging / f"{f.stem}_overlay.png", kio.overlay(image, labels, num_classes)
+            )
             fractions = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
             _say(
                 verbose,

@@ -75,10 +75,25 @@ def test_scale_and_elastic_move_image_and_mask_together():
 
 def test_elastic_deformation_changes_the_geometry():
     image, mask = _pair(48, 48)
-    plain = Augment(flip=False, rotate90=False, scale=None, elastic=0.0, brightness=0.0,
-                    contrast=None, gamma=None)
-    warped = Augment(flip=False, rotate90=False, scale=None, elastic=10.0, elastic_prob=1.0,
-                     brightness=0.0, contrast=None, gamma=None)
+    plain = Augment(
+        flip=False,
+        rotate90=False,
+        scale=None,
+        elastic=0.0,
+        brightness=0.0,
+        contrast=None,
+        gamma=None,
+    )
+    warped = Augment(
+        flip=False,
+        rotate90=False,
+        scale=None,
+        elastic=10.0,
+        elastic_prob=1.0,
+        brightness=0.0,
+        contrast=None,
+        gamma=None,
+    )
     _, m0 = plain.patch(image, mask, 48, seed=1)
     _, m1 = warped.patch(image, mask, 48, seed=1)
     np.testing.assert_array_equal(m0, mask)  # full-size, no-op geometry

@@ -56,8 +56,20 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     images, masks = make_folder(root / "data", n=5)
     out = root / "run"
-    code = main(["train", "--images", str(images), "--masks", str(masks), "--out", str(out),
-                 "--epochs", "2", *TINY])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            *TINY,
+        ]
+    )
     assert code == 0
     return images, masks, out
 
@@ -79,24 +91,54 @@ def test_train_writes_the_run_folder(trained):
 def test_predict_writes_masks_and_overlays(trained, tmp_path, capsys):
     images, _, run_dir = trained
     out = tmp_path / "pred"
-    code, stdout, _ = run(capsys, "predict", "--model", run_dir / "best.keras", "--images", images,
-                          "--out", out, "--tile-size", "32")
+    code, stdout, _ = run(
+        capsys,
+        "predict",
+        "--model",
+        run_dir / "best.keras",
+        "--images",
+        images,
+        "--out",
+        out,
+        "--tile-size",
+        "32",
+    )
     assert code == 0 and "im0.png" in stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"im{i}.png" for i in range(5)] + [f"im{i}_overlay.png" for i in range(5)])
+    assert names == sorted(
+        [f"im{i}.png" for i in range(5)] + [f"im{i}_overlay.png" for i in range(5)]
+    )
     mask = np.asarray(Image.open(out / "im0.png"))
     assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 1}
     assert Image.open(out / "im0_overlay.png").mode == "RGB"
     # One file works too, with TTA.
-    code, _, _ = run(capsys, "predict", "--model", run_dir / "best.keras", "--images",
-                     images / "im1.png", "--out", tmp_path / "one", "--tta")
+    code, _, _ = run(
+        capsys,
+        "predict",
+        "--model",
+        run_dir / "best.keras",
+        "--images",
+        images / "im1.png",
+        "--out",
+        tmp_path / "one",
+        "--tta",
+    )
     assert code == 0 and (tmp_path / "one" / "im1.png").is_file()
 
 
 def test_evaluate_prints_scores_and_json_last(trained, capsys):
     images, masks, run_dir = trained
-    code, stdout, _ = run(capsys, "evaluate", "--model", run_dir / "best.keras", "--images", images,
-                          "--masks", masks, "--json")
+    code, stdout, _ = run(
+        capsys,
+        "evaluate",
+        "--model",
+        run_dir / "best.keras",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--json",
+    )
     assert code == 0
     scores = json.loads(stdout.strip().splitlines()[-1])
     assert set(scores["dice"]) == {"0", "1"} and set(scores["iou"]) == {"0", "1"}
@@ -112,8 +154,20 @@ def test_resume_continues_the_run(trained, tmp_path, capsys):
     for p in run_dir.iterdir():
         if p.is_file():
             (copy / p.name).write_bytes(p.read_bytes())
-    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", copy,
-                       "--epochs", "3", "--resume", *TINY)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--out",
+        copy,
+        "--epochs",
+        "3",
+        "--resume",
+        *TINY,
+    )
     assert code == 0, err
     assert json.loads((copy / "state.json").read_text())["epoch"] == 3
     with open(copy / "history.csv") as f:
@@ -126,14 +180,36 @@ def test_resume_continues_the_run(trained, tmp_path, capsys):
 def test_multiclass_with_time_budget(tmp_path, capsys):
     images, masks = make_folder(tmp_path / "data", n=2, classes=3)
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
-                       "--epochs", "50", "--time-budget", "0.01", *TINY)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--out",
+        out,
+        "--epochs",
+        "50",
+        "--time-budget",
+        "0.01",
+        *TINY,
+    )
     assert code == 0, err
     state = json.loads((out / "state.json").read_text())
     assert state["epoch"] == 1 and state["num_classes"] == 3  # stopped in the first epoch
     assert (out / "best.keras").is_file()
-    code, stdout, _ = run(capsys, "evaluate", "--model", out / "best.keras", "--images", images,
-                          "--masks", masks, "--json")
+    code, stdout, _ = run(
+        capsys,
+        "evaluate",
+        "--model",
+        out / "best.keras",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--json",
+    )
     scores = json.loads(stdout.strip().splitlines()[-1])
     assert code == 0 and set(scores["dice"]) == {"0", "1", "2"}
 
@@ -152,8 +228,19 @@ def _fails(capsys, argv, *needles, out=None):
 
 
 def _train(images, masks, out, *extra):
-    return ["train", "--images", images, "--masks", masks, "--out", out, "--epochs", "1", *TINY,
-            *extra]
+    return [
+        "train",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        *TINY,
+        *extra,
+    ]
 
 
 def test_bad_training_folders(tmp_path, capsys):
@@ -198,12 +285,20 @@ def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
     images, masks, run_dir = trained
     model = run_dir / "best.keras"
     out = tmp_path / "pred"
-    _fails(capsys, ["predict", "--model", tmp_path / "nope.keras", "--images", images, "--out", out],
-           "nope.keras", out=out)
+    _fails(
+        capsys,
+        ["predict", "--model", tmp_path / "nope.keras", "--images", images, "--out", out],
+        "nope.keras",
+        out=out,
+    )
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"not a zip")
-    _fails(capsys, ["predict", "--model", junk, "--images", images, "--out", out], "junk.keras",
-           out=out)
+    _fails(
+        capsys,
+        ["predict", "--model", junk, "--images", images, "--out", out],
+        "junk.keras",
+        out=out,
+    )
     # An unreadable image in the middle of a folder: no partial outputs, even in an existing folder.
     bad = tmp_path / "bad_images"
     bad.mkdir()
@@ -213,15 +308,23 @@ def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
     out.mkdir()
     _fails(capsys, ["predict", "--model", model, "--images", bad, "--out", out], "im3.png", out=out)
     assert out.is_dir()
-    _fails(capsys, ["predict", "--model", model, "--images", tmp_path / "none", "--out", out],
-           "none", out=out)
+    _fails(
+        capsys,
+        ["predict", "--model", model, "--images", tmp_path / "none", "--out", out],
+        "none",
+        out=out,
+    )
     # evaluate: labels beyond the model's classes, and a missing mask.
     wrong = tmp_path / "wrong_masks"
     wrong.mkdir()
     for p in masks.iterdir():
         Image.fromarray((np.asarray(Image.open(p)) > 0).astype("uint8") * 2).save(wrong / p.name)
-    _fails(capsys, ["evaluate", "--model", model, "--images", images, "--masks", wrong],
-           "wrong_masks/im0.png", "label 2")
+    _fails(
+        capsys,
+        ["evaluate", "--model", model, "--images", images, "--masks", wrong],
+        "wrong_masks/im0.png",
+        "label 2",
+    )
     (wrong / "im4.png").unlink()
     _fails(capsys, ["evaluate", "--model", model, "--images", images, "--masks", wrong], "im4.png")
 
@@ -232,7 +335,10 @@ def test_command_line_error_has_no_traceback(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, "-m", "kunet.cli", *map(str, _train(images, masks, tmp_path / "run"))],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -46,8 +46,10 @@ def test_reads_every_image_format(tmp_path):
     Image.fromarray(gray16).save(tmp_path / "g16.tif")
     Image.fromarray(rgb).save(tmp_path / "rgb.tiff")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # a real 16-bit PNG
-    shapes = {p: io.read_image(tmp_path / p).shape for p in
-              ("g8.png", "g16.png", "rgb.png", "rgba.png", "rgb.jpg", "g16.tif", "rgb.tiff")}
+    shapes = {
+        p: io.read_image(tmp_path / p).shape
+        for p in ("g8.png", "g16.png", "rgb.png", "rgba.png", "rgb.jpg", "g16.tif", "rgb.tiff")
+    }
     assert shapes["g8.png"] == shapes["g16.png"] == shapes["g16.tif"] == (20, 30, 1)
     assert shapes["rgb.png"] == shapes["rgba.png"] == shapes["rgb.jpg"] == (20, 30, 3)
     assert io.read_image(tmp_path / "g16.tif").max() == gray16.max()
@@ -155,8 +157,11 @@ def test_fit_takes_the_folder_dataset(tmp_path):
     train, val = data.folder_datasets(
         *make_folder(tmp_path), patch_size=16, batch_size=2, patches_per_epoch=4
     )
-    model = kunet.UNet(num_classes=train.model_num_classes, filters=(4, 8),
-                       input_shape=(None, None, train.channels))
+    model = kunet.UNet(
+        num_classes=train.model_num_classes,
+        filters=(4, 8),
+        input_shape=(None, None, train.channels),
+    )
     history = model.fit(train, validation_data=val, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert "val_dice" in history.history
