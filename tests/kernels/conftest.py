@@ -89,3 +89,17 @@ if SKIP_REASON is None:
 
         monkeypatch.setattr(_fused, "_global_policy", None)
         monkeypatch.delenv("KUNET_FUSED", raising=False)
+
+    # The interpreter runs each Triton program in numpy, one after the other: larger row tiles mean
+    # fewer programs and ~6x less time for the UNet and memory tests.  The layer parity tests use the
+    # GPU tiles (double_conv.CONFIGS); these tests also check the kernels with a second tiling.
+    INTERPRETER_TILES = {"conv3x3": {"BM": 256}, "wgrad": {"BM": 256}, "elementwise": {"BM": 256}}
+
+    @pytest.fixture(scope="module")
+    def interpreter_tiles():
+        from kunet.kernels import double_conv as K
+
+        with pytest.MonkeyPatch.context() as mp:
+            for kernel, values in INTERPRETER_TILES.items():
+                mp.setitem(K.CONFIGS, kernel, {**K.CONFIGS[kernel], **values})
+            yield

@@ -12,22 +12,6 @@ from kunet.kernels import autograd as fused_ops
 from kunet.layers import DoubleConv
 
 STEPS = 3
-# The interpreter runs each Triton program in numpy, one after the other: larger row tiles mean fewer
-# programs and ~6x less time for this 3-step UNet run.  The layer parity tests use the GPU tiles;
-# here the kernels also get checked with a second tiling.
-INTERPRETER_TILES = {"conv3x3": {"BM": 256}, "wgrad": {"BM": 256}, "elementwise": {"BM": 256}}
-
-
-@pytest.fixture(scope="module")
-def interpreter_tiles():
-    from kunet.kernels import double_conv as K
-
-    with pytest.MonkeyPatch.context() as mp:
-        for kernel, values in INTERPRETER_TILES.items():
-            mp.setitem(K.CONFIGS, kernel, {**K.CONFIGS[kernel], **values})
-        yield
-
-
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, interpreter_tiles):
     """A small UNet trained STEPS steps fused and plain from the same weights; the fused checkpoint."""
