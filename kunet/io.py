@@ -8,8 +8,9 @@ Conventions:
 
 * An image is read as float32 ``(H, W, C)`` with C = 1 (grayscale) or 3 (RGB); alpha is dropped and a
   palette image is expanded to RGB. :func:`normalize` maps it to roughly [0, 1] per image.
-* A mask is read as int32 ``(H, W)`` class indices: a palette PNG gives its indices, a grayscale or 16-bit
-  image its values, except that a mask holding only 0 and 255 is binary (255 -> 1).
+* A mask is read as int32 ``(H, W)`` class indices: a palette PNG gives its indices, a grayscale or
+  16-bit image its values, except that a mask holding only 0 and 255 (or 0 and 65535) is binary
+  (-> 0/1). A JPEG mask (lossy) is read as binary: values above 127 are foreground.
 """
 
 from __future__ import annotations
@@ -138,10 +139,14 @@ def read_mask(path):
         array = array.astype("uint8")
     if array.size and array.min() < 0:
         raise DataError(f"{path}: mask has negative values (min {array.min()})")
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        # JPEG is lossy: label values blur. Read it as a binary mask (> half range = foreground).
+        return (array > 127).astype("int32")
     if mode != "P":
         values = np.unique(array)
-        if values.size <= 2 and values.max(initial=0) == 255 and values.min() in (0, 255):
-            array = (array == 255).astype("uint8")
+        top = values.max(initial=0)
+        if values.size <= 2 and top in (255, 65535) and values.min() in (0, top):
+            array = (array == top).astype("uint8")
     return array.astype("int32")
 
 

@@ -350,11 +350,12 @@ def predict(model_path, images, out, *, tile_size=None, tta=False, verbose=1):
         files = [images]
     else:
         raise DataError(f"{images}: no such file or folder")
-    stems = {}
+    outputs = {}
     for f in files:
-        if f.stem in stems:
-            raise DataError(f"{stems[f.stem]} and {f} would write the same output {f.stem}.png")
-        stems[f.stem] = f
+        for name in (f"{f.stem}.png", f"{f.stem}_overlay.png"):
+            if name in outputs:
+                raise DataError(f"{outputs[name]} and {f} would both write {Path(out) / name}")
+            outputs[name] = f
     if tile_size is not None and int(tile_size) < 1:
         raise DataError(f"tile size must be >= 1; got {tile_size}")
     model = load_model(model_path)

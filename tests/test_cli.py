@@ -314,6 +314,16 @@ def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
         "none",
         out=out,
     )
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for name in ("a.png", "a_overlay.png"):
+        (clash / name).write_bytes((images / "im0.png").read_bytes())
+    _fails(
+        capsys,
+        ["predict", "--model", model, "--images", clash, "--out", out],
+        "a_overlay.png",
+        out=out,
+    )
     # evaluate: labels beyond the model's classes, and a missing mask.
     wrong = tmp_path / "wrong_masks"
     wrong.mkdir()

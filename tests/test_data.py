@@ -77,6 +77,12 @@ def test_reads_every_mask_format(tmp_path):
     np.testing.assert_array_equal(io.read_mask(tmp_path / "palette.png"), labels)
     np.testing.assert_array_equal(io.read_mask(tmp_path / "index16.tif"), labels)
     assert io.read_mask(tmp_path / "index.png").dtype == np.int32
+    Image.fromarray((labels > 0).astype("uint16") * 65535).save(tmp_path / "binary16.png")
+    np.testing.assert_array_equal(io.read_mask(tmp_path / "binary16.png"), labels > 0)
+    # JPEG masks are lossy: read as binary, thresholded at half range.
+    Image.fromarray((labels > 0).astype("uint8") * 255).save(tmp_path / "binary.jpg", quality=95)
+    jpeg = io.read_mask(tmp_path / "binary.jpg")
+    assert set(np.unique(jpeg)) <= {0, 1} and (jpeg == (labels > 0)).mean() > 0.95
 
 
 def test_written_masks_read_back_as_class_indices(tmp_path):
