@@ -131,14 +131,17 @@ def _ms(fn, iters):
 def _bench(shapes, dtypes, rounds, iters):
     import torch
 
-    policies = {"float16": ("mixed_float16", torch.float16), "bfloat16": ("mixed_bfloat16", torch.bfloat16)}
+    policies = {
+        "float16": ("mixed_float16", torch.float16),
+        "bfloat16": ("mixed_bfloat16", torch.bfloat16),
+    }
     head = f"{'shape':26s} {'dtype':9s} {'impl':6s} {'fwd ms':>8s} {'bwd ms':>8s} {'full ms':>8s}"
     print(head + f" {'full/plain':>10s} {'full/cudnn':>10s}")
     for shape in shapes:
         for dtype in dtypes:
             policy, torch_dtype = policies[dtype]
             timers = _timers(shape, torch_dtype, _layers(shape, policy))
-            for fwd, full in timers.values():  # warm-up: Triton JIT, cuDNN algorithm search
+            for _fwd, full in timers.values():  # warm-up: Triton JIT, cuDNN algorithm search
                 for _ in range(3):
                     full()
             torch.cuda.synchronize()
@@ -163,10 +166,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     args = parser.parse_args(argv)
     if os.environ["KERAS_BACKEND"] != "torch":
-        print(f"the fused DoubleConv runs on the torch backend; KERAS_BACKEND={os.environ['KERAS_BACKEND']}")
+        print(
+            f"the fused DoubleConv runs on the torch backend; KERAS_BACKEND={os.environ['KERAS_BACKEND']}"
+        )
         return 2
     if not _cuda_available():
-        print("no CUDA device: cannot time the kernels here (GPU speed is unmeasured on this machine).")
+        print(
+            "no CUDA device: cannot time the kernels here (GPU speed is unmeasured on this machine)."
+        )
         print("Saved-bytes figures, fused side in Triton's interpreter on CPU:\n")
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
         from kunet.kernels import double_conv as K

@@ -78,11 +78,28 @@ def _spec(kernel, variant, dt):
         cfg = K.CONFIGS["elementwise"]
         ptrs = {
             "bn_relu_apply_kernel": dict(y_ptr=p, out_ptr=p, scale_ptr=f, shift_ptr=f),
-            "bn_relu_bwd_reduce_kernel": dict(g_ptr=p, y_ptr=p, scale_ptr=f, shift_ptr=f,
-                                              mean_ptr=f, rstd_ptr=f, part_da_ptr=f,
-                                              part_dax_ptr=f),  # fmt: skip
-            "bn_relu_bwd_dy_kernel": dict(g_ptr=p, y_ptr=p, dy_ptr=p, scale_ptr=f, shift_ptr=f,
-                                          mean_ptr=f, rstd_ptr=f, k1_ptr=f, k2_ptr=f, k3_ptr=f),
+            "bn_relu_bwd_reduce_kernel": dict(
+                g_ptr=p,
+                y_ptr=p,
+                scale_ptr=f,
+                shift_ptr=f,
+                mean_ptr=f,
+                rstd_ptr=f,
+                part_da_ptr=f,
+                part_dax_ptr=f,
+            ),  # fmt: skip
+            "bn_relu_bwd_dy_kernel": dict(
+                g_ptr=p,
+                y_ptr=p,
+                dy_ptr=p,
+                scale_ptr=f,
+                shift_ptr=f,
+                mean_ptr=f,
+                rstd_ptr=f,
+                k1_ptr=f,
+                k2_ptr=f,
+                k3_ptr=f,
+            ),
         }[kernel]
         sig = dict(**ptrs, M="i32", C="i32")
         const = dict(BM=cfg["BM"], BC=cfg["BC"])
@@ -108,15 +125,16 @@ def compile_one(job):
     t0 = time.perf_counter()
     try:
         import triton
+        from kunet.kernels import double_conv as K
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-
-        from kunet.kernels import double_conv as K
 
         fn = getattr(K, kernel)
         sig, const, options, row["config"] = _spec(kernel, variant, dt)
         names = list(sig)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, s in sig.items() if s[0] == "*"}
+        attrs = {
+            (names.index(n),): [["tt.divisibility", 16]] for n, s in sig.items() if s[0] == "*"
+        }
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         row["shared_bytes"] = int(k.metadata.shared)
@@ -142,14 +160,27 @@ def compile_one(job):
 
 
 def _table(rows) -> str:
-    head = ("kernel", "variant", "target", "dtype", "config", "regs", "spill", "smem", "s", "status")
+    head = (
+        "kernel",
+        "variant",
+        "target",
+        "dtype",
+        "config",
+        "regs",
+        "spill",
+        "smem",
+        "s",
+        "status",
+    )
     lines = [head]
     for r in rows:
         lines.append((r["kernel"], r["variant"], r["target"], r["dtype"], r["config"],
                       str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
                       str(r["seconds"]), "OK" if r["error"] is None else r["error"]))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
@@ -166,8 +197,12 @@ def run(dtypes=DTYPES, targets=TARGETS, jobs=2):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kunet.kernels.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser = argparse.ArgumentParser(
+        prog="python -m kunet.kernels.aot", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the rows as JSON instead of a table"
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
@@ -176,7 +211,9 @@ def main(argv=None) -> int:
     # spawned workers, which inherit this environment)
     os.environ.pop("TRITON_INTERPRET", None)
     t0 = time.perf_counter()
-    rows = run(tuple(args.dtypes.split(",")), tuple(int(t) for t in args.targets.split(",")), args.jobs)
+    rows = run(
+        tuple(args.dtypes.split(",")), tuple(int(t) for t in args.targets.split(",")), args.jobs
+    )
     failed = [r for r in rows if r["error"] is not None]
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -23,7 +23,6 @@ variables stay fp32; statistics and accumulation are fp32; the output has x's dt
 from __future__ import annotations
 
 import torch
-
 from kunet.kernels import double_conv as K
 
 

@@ -112,7 +112,7 @@ def conv3x3_kernel(
                     mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
-                if IEEE:
+                if IEEE:  # noqa: SIM108  (a constexpr branch, resolved at compile time)
                     acc = tl.dot(a, b, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, b, acc)
@@ -189,7 +189,9 @@ def bn_finalize_kernel(
 
 
 @triton.jit
-def bn_relu_apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, M, C, BM: tl.constexpr, BC: tl.constexpr):
+def bn_relu_apply_kernel(
+    y_ptr, out_ptr, scale_ptr, shift_ptr, M, C, BM: tl.constexpr, BC: tl.constexpr
+):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = offs_c < C
@@ -346,7 +348,9 @@ def _ieee(x) -> bool:
     return x.dtype == torch.float32 and x.device.type != "cuda"
 
 
-def conv3x3(x, w, *, in_scale=None, in_shift=None, bias=None, relu=False, stats=False, out_dtype=None):
+def conv3x3(
+    x, w, *, in_scale=None, in_shift=None, bias=None, relu=False, stats=False, out_dtype=None
+):
     """3x3 "same" conv of NHWC ``x`` with HWIO ``w`` (same dtype), fused prologue/epilogue.
 
     Returns ``y`` (NHWC, ``out_dtype`` or x's dtype) and, with ``stats=True``, the per-tile

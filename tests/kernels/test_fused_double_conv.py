@@ -30,19 +30,27 @@ def _pair(cin, cout, dtype=None, seed=0):
         layer.build((None, None, None, cin))
         layers.append(layer)
     rng = np.random.default_rng(seed + 1)
-    for v_fused, v_plain in zip(layers[0].weights, layers[1].weights):
+    for v_fused, v_plain in zip(layers[0].weights, layers[1].weights, strict=True):
         name = v_fused.path.rsplit("/", 1)[-1]
-        shape = tuple(v_fused.shape)
-        value = {
-            "kernel": lambda: rng.normal(0.0, 0.3, shape),
-            "gamma": lambda: rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape),
-            "beta": lambda: rng.normal(0.3, 0.5, shape),  # mostly > 0: padded borders matter
-            "moving_mean": lambda: rng.normal(0.0, 0.5, shape),
-            "moving_variance": lambda: rng.uniform(0.5, 2.0, shape),
-        }[name]().astype("float32")
+        value = _random_value(name, tuple(v_fused.shape), rng)
         v_fused.assign(value)
         v_plain.assign(value)
     return layers
+
+
+def _random_value(name, shape, rng):
+    if name == "kernel":
+        value = rng.normal(0.0, 0.3, shape)
+    elif name == "gamma":
+        value = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
+    elif name == "beta":
+        value = rng.normal(0.3, 0.5, shape)  # mostly > 0: the zero-padded borders matter
+    elif name == "moving_mean":
+        value = rng.normal(0.0, 0.5, shape)
+    else:
+        assert name == "moving_variance", name
+        value = rng.uniform(0.5, 2.0, shape)
+    return value.astype("float32")
 
 
 def _step(layer, x):
@@ -68,9 +76,12 @@ def _check_pair(shape, dtype, assert_close, kernel_calls):
     p = _step(plain, x)
     assert_close(f[0], p[0], dtype, "training output")
     assert_close(f[1], p[1], dtype, "d input")
-    assert set(f[2]) == set(p[2]) == {f"{c}/{v}" for c in ("conv1", "conv2") for v in ("kernel",)} | {
-        f"{b}/{v}" for b in ("bn1", "bn2") for v in ("gamma", "beta")
-    }
+    assert (
+        set(f[2])
+        == set(p[2])
+        == {f"{c}/{v}" for c in ("conv1", "conv2") for v in ("kernel",)}
+        | {f"{b}/{v}" for b in ("bn1", "bn2") for v in ("gamma", "beta")}
+    )
     for name in p[2]:
         assert_close(f[2][name], p[2][name], dtype, f"d {name}")
     for name in p[3]:
@@ -108,7 +119,7 @@ def test_frozen_batch_norm_runs_in_inference_mode(assert_close, kernel_calls):
         assert kernel_calls["conv3x3"] == 2  # the folded conv + bias + ReLU kernels ran
         out_plain = plain(x, training=True)
     assert_close(out_fused, out_plain, "float32", "frozen-BN output")
-    for b, v in zip(before, fused.non_trainable_weights):
+    for b, v in zip(before, fused.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(b, v.numpy())
     # with gradients asked for, the same semantics (through the plain sublayers)
     xt = x.clone().requires_grad_()

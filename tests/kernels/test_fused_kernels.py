@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kunet.kernels import double_conv as K
 
 
@@ -61,7 +60,9 @@ def test_finalize_merges_many_tiles_stably():
     """T = 71 tiles of BM rows (3 chunks of BT) + a ragged last tile; data with mean 1e3, std 1."""
     bm, c = K.CONFIGS["conv3x3"]["BM"], 5
     m = 70 * bm + 13
-    data = 1000.0 + torch.randn(m, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    data = 1000.0 + torch.randn(
+        m, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     tiles = torch.split(data, bm)
     part_mean = torch.stack([t.mean(0) for t in tiles]).float()
     part_m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles]).float()
@@ -71,4 +72,6 @@ def test_finalize_merges_many_tiles_stably():
     np.testing.assert_allclose(var, data.var(0, unbiased=False), rtol=1e-4)
     ref_scale = gamma.double() / torch.sqrt(data.var(0, unbiased=False) + 1e-3)
     np.testing.assert_allclose(scale, ref_scale, rtol=1e-4)
-    np.testing.assert_allclose(shift, beta.double() - data.mean(0) * ref_scale, rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(
+        shift, beta.double() - data.mean(0) * ref_scale, rtol=1e-3, atol=1e-2
+    )

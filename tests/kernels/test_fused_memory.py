@@ -8,7 +8,6 @@ saved_tensors_hooks (kunet.kernels.memory) at a UNet-like shape.
 from __future__ import annotations
 
 import pytest
-
 from kunet.kernels import memory
 
 SHAPE = dict(n=2, h=64, w=64, c_in=32, c_out=64)

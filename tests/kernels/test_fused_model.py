@@ -6,12 +6,14 @@ import keras
 import numpy as np
 import pytest
 import torch
+from kunet.kernels import autograd as fused_ops
 
 import kunet
-from kunet.kernels import autograd as fused_ops
 from kunet.layers import DoubleConv
 
 STEPS = 3
+
+
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, interpreter_tiles):
     """A small UNet trained STEPS steps fused and plain from the same weights; the fused checkpoint."""
@@ -26,7 +28,8 @@ def trained_pair(tmp_path_factory, interpreter_tiles):
     losses = {}
     for name, model in (("fused", fused), ("plain", plain)):
         losses[name] = [
-            float(model.train_on_batch(images, masks, return_dict=True)["loss"]) for _ in range(STEPS)
+            float(model.train_on_batch(images, masks, return_dict=True)["loss"])
+            for _ in range(STEPS)
         ]
     path = tmp_path_factory.mktemp("ckpt") / "fused.weights.h5"
     fused.save_weights(path)
@@ -37,7 +40,7 @@ def test_unet_trains_the_same_fused_and_plain(trained_pair):
     fused, plain, losses, _, _ = trained_pair
     np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4, atol=1e-5)
     assert losses["plain"][-1] != losses["plain"][0]  # the steps did change the weights
-    for wf, wp in zip(fused.get_weights(), plain.get_weights()):
+    for wf, wp in zip(fused.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(wf, wp, rtol=1e-3, atol=1e-4)
 
 
@@ -45,7 +48,7 @@ def test_fused_checkpoint_loads_into_plain_model(trained_pair):
     fused, _, _, images, path = trained_pair
     plain = kunet.UNet(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3), fused=False)
     plain.load_weights(path)
-    for wf, wp in zip(fused.get_weights(), plain.get_weights()):
+    for wf, wp in zip(fused.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_array_equal(wf, wp)
     out_plain = plain.predict(images, verbose=0)
     np.testing.assert_allclose(fused.predict(images, verbose=0), out_plain, rtol=1e-4, atol=1e-4)
