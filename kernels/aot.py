@@ -188,11 +188,16 @@ def _table(rows) -> str:
 def run(dtypes=DTYPES, targets=TARGETS, jobs=2):
     """Compile everything (a process pool of ``jobs``); returns the result rows, in job order."""
     todo = _jobs(dtypes, targets)
-    if jobs <= 1:
-        return [compile_one(j) for j in todo]
-    # spawn: a fresh interpreter per worker (no forked Triton/torch state)
+    # Always in spawned workers: Triton's LLVM must not share a process with TensorFlow's (they
+    # abort on load), and this process may have Keras on its default TensorFlow backend.  The
+    # workers inherit this environment: torch backend, no interpreter.
+    os.environ["KERAS_BACKEND"] = "torch"
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault(
+        "TRITON_DEFAULT_FP_FUSION", "1"
+    )  # Triton 3.9's default, minus its warning
     ctx = __import__("multiprocessing").get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
         return list(pool.map(compile_one, todo))
 
 
@@ -207,9 +212,6 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     args = parser.parse_args(argv)
-    # real GPU code, not the interpreter (the kernels module is imported after this, also by the
-    # spawned workers, which inherit this environment)
-    os.environ.pop("TRITON_INTERPRET", None)
     t0 = time.perf_counter()
     rows = run(
         tuple(args.dtypes.split(",")), tuple(int(t) for t in args.targets.split(",")), args.jobs

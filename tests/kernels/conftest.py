@@ -11,10 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-
-import keras  # noqa: E402
+import keras
 
 
 def _unavailable() -> str | None:
@@ -27,6 +24,12 @@ def _unavailable() -> str | None:
 
 
 SKIP_REASON = _unavailable()
+if SKIP_REASON is None:
+    # read by triton.jit when the kernels module is imported (by the tests, after this file)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault(
+        "TRITON_DEFAULT_FP_FUSION", "1"
+    )  # Triton 3.9's default, minus its warning
 # test modules import torch at top level: do not even import them when the kernels cannot run
 collect_ignore_glob = ["test_*.py"] if SKIP_REASON else []
 
