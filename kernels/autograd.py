@@ -10,10 +10,11 @@
   The moving statistics are updated exactly as ``keras.layers.BatchNormalization`` does
   (``moving = moving * momentum + batch * (1 - momentum)``, biased batch variance).
 * inference (``training=False``, or both BN layers frozen: Keras runs a frozen BN in inference mode):
-  BN folded into the convolutions, conv + bias + ReLU twice - when no gradient is needed
-  (``torch.no_grad()``, as in Keras' ``predict``/``evaluate``).  With gradients needed in inference
-  mode, or with only one of the two BN layers frozen, it runs the plain Keras sublayers (same result,
-  no fused kernel).
+  :class:`DoubleConvInferenceFn` - BN folded into the convolutions (differentiable torch ops on the
+  variables), conv + bias + ReLU twice; its backward gives gradients to x, the kernels and, through
+  the folding, gamma and beta (fine-tuning with frozen BN).
+* anything else (only one of the two BN layers frozen; a BN without center/scale or with renorm):
+  the plain Keras sublayers, same semantics, no fused kernel.
 
 The Keras variables' ``.value`` (the torch Parameters Keras' trainer differentiates) are the
 autograd inputs, so gradients reach the Keras variables.  Activations may be fp32, fp16 or bf16;
@@ -86,24 +87,60 @@ class DoubleConvTrainFn(torch.autograd.Function):
                 keep(dg2, 5, g2), keep(db2, 6, b2), None, None, None)  # fmt: skip
 
 
-def _fold(conv, bn, dtype):
-    """BN (moving statistics) folded into the conv: (HWIO kernel in ``dtype``, fp32 bias)."""
+class DoubleConvInferenceFn(torch.autograd.Function):
+    """BN folded into the convolutions: ``relu(conv(relu(conv(x, w1) + c1), w2) + c2)``.
+
+    ``forward(x, w1, c1, w2, c2)``: HWIO kernels already scaled by the BN factors, fp32 biases.
+    Saves x, the hidden activation and the output (the ReLU masks) for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, c1, w2, c2):
+        dt = x.dtype
+        x = x.contiguous()
+        w1c, w2c = w1.detach().to(dt).contiguous(), w2.detach().to(dt).contiguous()
+        c1f, c2f = (c.detach().to(torch.float32).contiguous() for c in (c1, c2))
+        h = K.conv3x3(x, w1c, bias=c1f, relu=True)
+        out = K.conv3x3(h, w2c, bias=c2f, relu=True)
+        ctx.save_for_backward(x, h, out, w1, w2)
+        ctx.bias_dtypes = (c1.dtype, c2.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, h, out, w1, w2 = ctx.saved_tensors
+        dt = x.dtype
+        need = ctx.needs_input_grad
+        da2 = torch.where(out > 0, dout.to(dt), 0).contiguous()
+        dw2 = K.conv3x3_wgrad(h, da2) if need[3] else None
+        dh = K.conv3x3_dgrad(da2, w2.detach().to(dt))
+        da1 = torch.where(h > 0, dh, 0).contiguous()
+        dw1 = K.conv3x3_wgrad(x, da1) if need[1] else None
+        dx = K.conv3x3_dgrad(da1, w1.detach().to(dt)) if need[0] else None
+        dc1 = da1.to(torch.float32).sum((0, 1, 2)).to(ctx.bias_dtypes[0]) if need[2] else None
+        dc2 = da2.to(torch.float32).sum((0, 1, 2)).to(ctx.bias_dtypes[1]) if need[4] else None
+        return (
+            dx,
+            dw1.to(w1.dtype) if dw1 is not None else None,
+            dc1,
+            dw2.to(w2.dtype) if dw2 is not None else None,
+            dc2,
+        )
+
+
+def _folded(conv, bn):
+    """BN with its moving statistics folded into the conv, as differentiable torch ops (fp32):
+    ``(kernel * s, beta - moving_mean * s)`` with ``s = gamma / sqrt(moving_variance + eps)``."""
     f32 = torch.float32
-    scale = bn.gamma.value.detach().to(f32) * torch.rsqrt(
-        bn.moving_variance.value.detach().to(f32) + bn.epsilon
-    )
-    bias = bn.beta.value.detach().to(f32) - bn.moving_mean.value.detach().to(f32) * scale
-    w = conv.kernel.value.detach().to(f32) * scale
-    return w.to(dtype).contiguous(), bias.contiguous()
+    s = bn.gamma.value.to(f32) * torch.rsqrt(bn.moving_variance.value.to(f32) + bn.epsilon)
+    return conv.kernel.value.to(f32) * s, bn.beta.value.to(f32) - bn.moving_mean.value.to(f32) * s
 
 
 def double_conv_inference(layer, x):
-    """Inference forward (no autograd): two conv + bias + ReLU kernels with BN folded in."""
-    x = x.contiguous()
-    w1, bias1 = _fold(layer.conv1, layer.bn1, x.dtype)
-    w2, bias2 = _fold(layer.conv2, layer.bn2, x.dtype)
-    h = K.conv3x3(x, w1, bias=bias1, relu=True)
-    return K.conv3x3(h, w2, bias=bias2, relu=True)
+    """Inference-mode forward: two conv + bias + ReLU kernels with BN folded in (differentiable)."""
+    w1, c1 = _folded(layer.conv1, layer.bn1)
+    w2, c2 = _folded(layer.conv2, layer.bn2)
+    return DoubleConvInferenceFn.apply(x, w1, c1, w2, c2)
 
 
 def _plain(layer, x, training):
@@ -122,14 +159,6 @@ def _update_moving(bn, mean, var):
     mv = bn.moving_variance.value.detach().to(torch.float32)
     bn.moving_mean.assign(mm * mom + mean * (1.0 - mom))
     bn.moving_variance.assign(mv * mom + var * (1.0 - mom))
-
-
-def _needs_grad(layer, x) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    params = (layer.conv1.kernel, layer.conv2.kernel, layer.bn1.gamma, layer.bn1.beta,
-              layer.bn2.gamma, layer.bn2.beta)  # fmt: skip
-    return bool(x.requires_grad) or any(p.value.requires_grad for p in params)
 
 
 def double_conv_layer_forward(layer, x, training: bool):
@@ -158,6 +187,6 @@ def double_conv_layer_forward(layer, x, training: bool):
             _update_moving(bn1, stats["mean1"], stats["var1"])
             _update_moving(bn2, stats["mean2"], stats["var2"])
         return out
-    if frozen and not _needs_grad(layer, x):
+    if frozen:
         return double_conv_inference(layer, x)
-    return _plain(layer, x, training)
+    return _plain(layer, x, training)  # one BN frozen, the other not: rare, left to Keras

@@ -107,24 +107,41 @@ def test_output_dtype_follows_input():
     assert fused.bn1.moving_mean.value.dtype == torch.float32
 
 
-def test_frozen_batch_norm_runs_in_inference_mode(assert_close, kernel_calls):
-    """Keras: a BatchNormalization with trainable=False uses its moving statistics even in training."""
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-bn", "training-false"])
+def test_inference_mode_with_gradients(frozen, assert_close, kernel_calls):
+    """BN in inference mode (training=False, or frozen BN layers even in training: Keras semantics)
+    through the folded kernels, with gradients (fine-tuning): output, gradients, moving statistics."""
     fused, plain = _pair(3, 8)
-    for layer in (fused, plain):
-        layer.bn1.trainable = layer.bn2.trainable = False
-    x = torch.randn(1, 7, 9, 3)
+    if frozen:
+        for layer in (fused, plain):
+            layer.bn1.trainable = layer.bn2.trainable = False
+    call = {
+        True: lambda layer, x: layer(x, training=True),
+        False: lambda layer, x: layer(x, training=False),
+    }
+    x = np.random.default_rng(5).normal(size=(1, 7, 9, 3)).astype("float32")
     before = [v.numpy().copy() for v in fused.non_trainable_weights]
-    with torch.no_grad():
-        out_fused = fused(x, training=True)
-        assert kernel_calls["conv3x3"] == 2  # the folded conv + bias + ReLU kernels ran
-        out_plain = plain(x, training=True)
-    assert_close(out_fused, out_plain, "float32", "frozen-BN output")
+    results = []
+    for layer in (fused, plain):
+        xt = torch.tensor(x, requires_grad=True)
+        out = call[frozen](layer, xt)
+        (out * torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)).sum().backward()
+        grads = {v.path.split("/", 1)[1]: v.value.grad for v in layer.weights}
+        results.append((out.detach().numpy(), xt.grad.numpy(), grads))
+        if layer is fused:
+            assert kernel_calls == {"conv3x3": 2 + 2, "wgrad": 2}  # 2 folded convs, 2 dgrads
+    (out_f, dx_f, g_f), (out_p, dx_p, g_p) = results
+    assert_close(out_f, out_p, "float32", "inference output")
+    assert_close(dx_f, dx_p, "float32", "d input")
+    for name, grad in g_p.items():
+        if grad is None:  # moving statistics; gamma and beta when frozen
+            assert g_f[name] is None, name
+        else:
+            assert_close(g_f[name], grad, "float32", f"d {name}")
+    expected_grads = 6 if not frozen else 2
+    assert sum(g is not None for g in g_p.values()) == expected_grads
     for b, v in zip(before, fused.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(b, v.numpy())
-    # with gradients asked for, the same semantics (through the plain sublayers)
-    xt = x.clone().requires_grad_()
-    fused(xt, training=True).sum().backward()
-    assert xt.grad is not None and fused.conv1.kernel.value.grad is not None
 
 
 def test_deterministic(kernel_calls):
