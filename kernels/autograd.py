@@ -55,7 +55,7 @@ class DoubleConvTrainFn(torch.autograd.Function):
         mean2, var2, rstd2, sc2, sh2 = _stat_vectors(pm2, pv2, g2f, b2f, m, eps2)
         out = K.bn_relu_apply(y2, sc2, sh2)
 
-        ctx.param_dtypes = tuple(torch.empty(0, dtype=t.dtype) for t in (g1, b1, g2, b2))
+        ctx.param_dtypes = (g1.dtype, b1.dtype, g2.dtype, b2.dtype)
         batch_stats.update(mean1=mean1, var1=var1, mean2=mean2, var2=var2)
         # x, raw y1, raw y2; the rest are the layer's own parameters and per-channel vectors
         ctx.save_for_backward(x, y1, y2, w1, w2, g1f, g2f, mean1, rstd1, sc1, sh1, mean2, rstd2,
@@ -79,12 +79,12 @@ class DoubleConvTrainFn(torch.autograd.Function):
         dw1 = K.conv3x3_wgrad(x, dy1) if need[1] else None
         dx = K.conv3x3_dgrad(dy1, w1.detach().to(dt)) if need[0] else None
 
-        def keep(grad, i, like):  # a gradient in its input's dtype, only where one is asked for
-            return grad.to(like.dtype) if (grad is not None and need[i]) else None
+        def keep(grad, i, dtype):  # a gradient in its input's dtype, only where one is asked for
+            return grad.to(dtype) if (grad is not None and need[i]) else None
 
         g1, b1, g2, b2 = ctx.param_dtypes
-        return (dx, keep(dw1, 1, w1), keep(dg1, 2, g1), keep(db1, 3, b1), keep(dw2, 4, w2),
-                keep(dg2, 5, g2), keep(db2, 6, b2), None, None, None)  # fmt: skip
+        return (dx, keep(dw1, 1, w1.dtype), keep(dg1, 2, g1), keep(db1, 3, b1),
+                keep(dw2, 4, w2.dtype), keep(dg2, 5, g2), keep(db2, 6, b2), None, None, None)  # fmt: skip
 
 
 class DoubleConvInferenceFn(torch.autograd.Function):

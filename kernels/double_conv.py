@@ -361,6 +361,11 @@ def conv3x3(
     n, h, wd, c_in = x.shape
     c_out = w.shape[-1]
     assert w.shape == (3, 3, c_in, c_out) and w.dtype == x.dtype, (w.shape, w.dtype, x.dtype)
+    if max(x.numel(), x.numel() // c_in * c_out) >= 2**31:
+        raise ValueError(
+            f"fused DoubleConv: {tuple(x.shape)} -> {c_out} channels has more than 2**31 elements "
+            "per tensor (the conv kernel indexes with int32); split the batch"
+        )
     x = x.contiguous()
     w = w.contiguous()
     cfg = CONFIGS["conv3x3"]
