@@ -35,6 +35,7 @@ DEFAULT_PATCH_SIZE = 128
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_EPOCHS = 40
 DEFAULT_TILE_SIZE = 256
+BN_MOMENTUM = 0.9
 OVERLAYS = 4
 
 __all__ = ["train", "predict", "evaluate", "load_model", "AtomicCheckpoint", "TimeBudget"]
@@ -136,6 +137,19 @@ def predict_labels(model, image, tile_size=None, tta=False, batch_size=4):
     return inference.to_labels(probs)
 
 
+def set_bn_momentum(model, momentum):
+    """Set the moving-statistics momentum of every BatchNormalization in a kunet UNet.
+
+    Keras' default 0.99 averages the batch statistics over ~100 steps. A short run on a dozen images
+    changes its weights faster than that, so the moving statistics used at validation and inference
+    lag behind and the validation Dice swings from epoch to epoch; 0.9 (~10 steps) tracks them.
+    """
+    for layer in model.layers:
+        for bn in (layer, getattr(layer, "bn1", None), getattr(layer, "bn2", None)):
+            if isinstance(bn, keras.layers.BatchNormalization):
+                bn.momentum = momentum
+
+
 def _say(verbose, *parts):
     if verbose:
         print(*parts, flush=True)
@@ -226,6 +240,7 @@ def train(
         }
     else:
         model = load_model(out / "last.keras")
+    set_bn_momentum(model, BN_MOMENTUM)
     initial_epoch = state["epoch"]
     _say(
         verbose,
