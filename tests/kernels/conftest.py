@@ -1,15 +1,18 @@
 """Parity tests of the fused Triton DoubleConv, on CPU through Triton's interpreter.
 
 Run by the ``kernels`` nox session: ``KERAS_BACKEND=torch TRITON_INTERPRET=1 pytest tests/kernels``.
-``TRITON_INTERPRET=1`` is set here (before anything imports the kernels) when it is not already.
-Under another Keras backend, or without torch/triton, nothing in this directory is collected and
-the run header says why (the plain ``tests`` sessions collect tests/ under TensorFlow and JAX).
+Both variables must come from the environment: tests/conftest.py imports Keras before this file, and
+Keras' torch backend imports triton, whose ``@triton.jit`` (also inside ``triton.language``) picks
+the interpreter when it is imported.  Under another backend, without torch/triton, or without
+``TRITON_INTERPRET=1``, nothing in this directory is collected and the run header says why (the plain
+``tests`` sessions collect tests/ under TensorFlow, JAX and torch).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import keras
 
@@ -20,16 +23,18 @@ def _unavailable() -> str | None:
     for module in ("torch", "triton"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install 'kunet[triton]')"
+    if os.environ.get("TRITON_INTERPRET", "0").strip() in ("", "0", "false", "False"):
+        if "triton.language" in sys.modules:
+            return (
+                "TRITON_INTERPRET=1 is not set; it must be in the environment before Keras' torch "
+                "backend imports triton (run: KERAS_BACKEND=torch TRITON_INTERPRET=1 pytest "
+                "tests/kernels)"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"  # triton not imported yet: not too late
     return None
 
 
 SKIP_REASON = _unavailable()
-if SKIP_REASON is None:
-    # read by triton.jit when the kernels module is imported (by the tests, after this file)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault(
-        "TRITON_DEFAULT_FP_FUSION", "1"
-    )  # Triton 3.9's default, minus its warning
 # test modules import torch at top level: do not even import them when the kernels cannot run
 collect_ignore_glob = ["test_*.py"] if SKIP_REASON else []
 
