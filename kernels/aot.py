@@ -221,6 +221,11 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(_table(rows))
+        print(
+            "\nconfig: conv3x3 BMxBNxBK, wgrad BMxBCIxBCO, finalize TILE_MxBTxBC, elementwise BMxBC;"
+            " wN: warps, sN: pipeline stages.  regs: registers/thread, spill: stack bytes (cuobjdump),"
+            " smem: shared memory bytes"
+        )
         print(f"\n{len(rows)} kernels compiled in {time.perf_counter() - t0:.0f} s, "
               f"{len(failed)} failed or spilled")  # fmt: skip
     return 1 if failed else 0
