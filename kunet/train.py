@@ -16,6 +16,7 @@ is written.
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import math
@@ -276,6 +277,9 @@ def train(
             callbacks=callbacks,
             verbose=verbose,
         )
+        # An epoch cut short by the time budget leaves a data iterator alive; collect it now, not
+        # at interpreter exit (where TensorFlow logs an error finalizing it).
+        gc.collect()
     plot_history(out / "history.csv", out / "history.png")
     if (out / "best.keras").is_file():
         best = load_model(out / "best.keras")
