@@ -1,4 +1,4 @@
-"""The ``kunet`` command line: train, predict, evaluate on image folders, and the demo.
+"""The kunet command line: train, predict and evaluate on image folders, and the demo.
 
     kunet train    --images DIR --masks DIR --out RUN_DIR [--epochs N] [--time-budget SECONDS] ...
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
