@@ -35,6 +35,7 @@ CONV_VARIANTS = {
     "infer": dict(PRO_BN_RELU=False, HAS_BIAS=True, RELU_OUT=True, STATS=False),  # BN folded
     "dgrad": dict(PRO_BN_RELU=False, HAS_BIAS=False, RELU_OUT=False, STATS=False),  # backward
 }
+SPECIALIZED_CONV = ("train1[N=1,C_IN=1]", "infer[N=1,C_IN=1]", "dgrad[N=1,C_OUT=1]")
 WGRAD_VARIANTS = {"wgrad1": dict(PRO_BN_RELU=False), "wgrad2": dict(PRO_BN_RELU=True)}
 
 
@@ -49,6 +50,11 @@ def _jobs(dtypes=DTYPES, targets=TARGETS):
                                                  "bn_relu_bwd_dy_kernel")]  # fmt: skip
         # statistics are fp32 whatever the activations' dtype
         jobs.append(("bn_finalize_kernel", "-", "fp32", cc))
+        # Triton's JIT turns integer arguments equal to 1 into constants: batch 1, grayscale input
+        # (Cin 1) and its input gradient (a dgrad with Cout 1) compile to different code
+        dt = "fp16" if "fp16" in dtypes else dtypes[0]
+        jobs += [("conv3x3_kernel", v, dt, cc) for v in SPECIALIZED_CONV]
+        jobs += [("conv3x3_wgrad_kernel", "wgrad1[C_IN=1]", dt, cc)]
     return jobs
 
 
@@ -57,6 +63,10 @@ def _spec(kernel, variant, dt):
     from kunet.kernels import double_conv as K
 
     p, f = f"*{dt}", "*fp32"
+    ones = {}  # "train1[N=1,C_IN=1]": integer arguments specialized to the constant 1
+    if "[" in variant:
+        variant, spec = variant.rstrip("]").split("[")
+        ones = {name: 1 for name in (item.split("=")[0] for item in spec.split(","))}
     if kernel == "conv3x3_kernel":
         cfg = K.CONFIGS["conv3x3"]
         sig = dict(x_ptr=p, w_ptr=p, y_ptr=p, in_scale_ptr=f, in_shift_ptr=f, bias_ptr=f,
@@ -103,6 +113,7 @@ def _spec(kernel, variant, dt):
         }[kernel]
         sig = dict(**ptrs, M="i32", C="i32")
         const = dict(BM=cfg["BM"], BC=cfg["BC"])
+    const.update(ones)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
