@@ -8,15 +8,18 @@ clock and thermal drift hit all of them alike); ratios against the plain Keras l
 the bytes each keeps alive for backward.
 
 Without CUDA it cannot time anything: it says so and prints the saved-bytes figures only, with the
-fused side run in Triton's interpreter (CPU).
+fused side run in Triton's interpreter (CPU).  ``--cpu-smoke`` runs the timing code itself once on a
+tiny fp32 shape through the interpreter (the figures mean nothing; it checks the script runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -52,7 +55,7 @@ def _memory_report(dtypes):
               f"{f['ratio']:12.2f}")  # fmt: skip
 
 
-def _layers(shape, policy):
+def _layers(shape, policy, device):
     import keras
     import torch
 
@@ -72,18 +75,18 @@ def _layers(shape, policy):
         torch.nn.Conv2d(cout, cout, 3, padding=1, bias=False),
         torch.nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
         torch.nn.ReLU(inplace=True),
-    ).cuda().to(memory_format=torch.channels_last)  # fmt: skip
+    ).to(device=device, memory_format=torch.channels_last)  # fmt: skip
     return fused, plain, ref
 
 
-def _timers(shape, torch_dtype, layers):
+def _timers(shape, torch_dtype, layers, device):
     """Callables per implementation: forward, full (forward + backward)."""
     import torch
 
     fused, plain, ref = layers
     n, h, w, cin, cout = shape
-    x = torch.randn(n, h, w, cin, device="cuda", dtype=torch_dtype, requires_grad=True)
-    g = torch.randn(n, h, w, cout, device="cuda", dtype=torch_dtype)
+    x = torch.randn(n, h, w, cin, device=device, dtype=torch_dtype, requires_grad=True)
+    g = torch.randn(n, h, w, cout, device=device, dtype=torch_dtype)
     x_nchw = x.detach().permute(0, 3, 1, 2).requires_grad_()  # channels_last view, no copy
     g_nchw = g.permute(0, 3, 1, 2)
 
@@ -103,7 +106,11 @@ def _timers(shape, torch_dtype, layers):
 
     def torch_impl():
         def fwd():
-            with torch.autocast("cuda", dtype=torch_dtype):
+            if torch_dtype == torch.float32:
+                autocast = contextlib.nullcontext()
+            else:
+                autocast = torch.autocast(device, dtype=torch_dtype)
+            with autocast:
                 return ref(x_nchw)
 
         def full():
@@ -116,9 +123,14 @@ def _timers(shape, torch_dtype, layers):
     return {"fused": keras_impl(fused), "plain": keras_impl(plain), "cudnn": torch_impl()}
 
 
-def _ms(fn, iters):
+def _ms(fn, iters, device):
     import torch
 
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
@@ -128,28 +140,30 @@ def _ms(fn, iters):
     return start.elapsed_time(end) / iters
 
 
-def _bench(shapes, dtypes, rounds, iters):
+def _bench(shapes, dtypes, rounds, iters, device="cuda"):
     import torch
 
     policies = {
         "float16": ("mixed_float16", torch.float16),
         "bfloat16": ("mixed_bfloat16", torch.bfloat16),
+        "float32": (None, torch.float32),
     }
     head = f"{'shape':26s} {'dtype':9s} {'impl':6s} {'fwd ms':>8s} {'bwd ms':>8s} {'full ms':>8s}"
     print(head + f" {'full/plain':>10s} {'full/cudnn':>10s}")
     for shape in shapes:
         for dtype in dtypes:
             policy, torch_dtype = policies[dtype]
-            timers = _timers(shape, torch_dtype, _layers(shape, policy))
+            timers = _timers(shape, torch_dtype, _layers(shape, policy, device), device)
             for _fwd, full in timers.values():  # warm-up: Triton JIT, cuDNN algorithm search
                 for _ in range(3):
                     full()
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             times = {name: {"fwd": [], "full": []} for name in timers}
             for _ in range(rounds):
                 for name, (fwd, full) in timers.items():  # alternate implementations each round
-                    times[name]["fwd"].append(_ms(fwd, iters))
-                    times[name]["full"].append(_ms(full, iters))
+                    times[name]["fwd"].append(_ms(fwd, iters, device))
+                    times[name]["full"].append(_ms(full, iters, device))
             med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
             label = "N={} {}x{} {}->{}".format(*shape)
             for name, m in med.items():
@@ -164,12 +178,22 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="two small shapes")
     parser.add_argument("--dtypes", default="float16,bfloat16")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run the timing code on CPU (interpreter), tiny fp32",
+    )
     args = parser.parse_args(argv)
     if os.environ["KERAS_BACKEND"] != "torch":
         print(
             f"the fused DoubleConv runs on the torch backend; KERAS_BACKEND={os.environ['KERAS_BACKEND']}"
         )
         return 2
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Keras' torch backend imports triton
+        print("CPU smoke run through Triton's interpreter: timings are meaningless here")
+        _bench([(1, 8, 8, 3, 16)], ["float32"], rounds=1, iters=1, device="cpu")
+        return 0
     if not _cuda_available():
         print(
             "no CUDA device: cannot time the kernels here (GPU speed is unmeasured on this machine)."
