@@ -75,3 +75,15 @@ def test_finalize_merges_many_tiles_stably():
     np.testing.assert_allclose(
         shift, beta.double() - data.mean(0) * ref_scale, rtol=1e-3, atol=1e-2
     )
+
+
+def test_aot_report_covers_every_kernel():
+    """`python -m kunet.kernels.aot` compiles every @triton.jit kernel of the module, all variants."""
+    from kunet.kernels import aot
+
+    jitted = {name for name, obj in vars(K).items() if type(obj).__name__ == "InterpretedFunction"}
+    jobs = aot._jobs()
+    assert {job[0] for job in jobs} == jitted
+    assert {(j[2], j[3]) for j in jobs} == {(d, t) for d in aot.DTYPES for t in aot.TARGETS}
+    conv_variants = {j[1].split("[")[0] for j in jobs if j[0] == "conv3x3_kernel"}
+    assert conv_variants == set(aot.CONV_VARIANTS) == {"train1", "train2", "infer", "dgrad"}
