@@ -97,3 +97,22 @@ def test_layer_policy_wins_over_global(fused_forward_calls):
     kunet.set_fused(True)
     DoubleConv(8, fused=False)(torch.randn(1, 5, 5, 3), training=True)
     assert fused_forward_calls == []
+
+
+def test_unet_trains_the_same_in_mixed_float16(interpreter_tiles):
+    keras.config.set_dtype_policy("mixed_float16")  # reset to float32 by tests/conftest.py
+    keras.utils.set_random_seed(0)
+    kwargs = dict(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3))
+    fused = kunet.UNet(fused=True, **kwargs)
+    plain = kunet.UNet(fused=False, **kwargs)
+    plain.set_weights(fused.get_weights())
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    masks = (rng.random((2, 32, 32)) > 0.5).astype("float32")
+    losses = {
+        name: [
+            float(m.train_on_batch(images, masks, return_dict=True)["loss"]) for _ in range(STEPS)
+        ]
+        for name, m in (("fused", fused), ("plain", plain))
+    }
+    np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-3)
