@@ -299,6 +299,13 @@ def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
         "junk.keras",
         out=out,
     )
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _fails(
+        capsys,
+        ["predict", "--model", model, "--images", images, "--out", blocker / "pred"],
+        "a_file",
+    )
     # An unreadable image in the middle of a folder: no partial outputs, even in an existing folder.
     bad = tmp_path / "bad_images"
     bad.mkdir()
