@@ -94,8 +94,9 @@ def _random_shape(rng, kind):
         r = rng.uniform(3.5, 8.0)
         ecc = rng.uniform(0.65, 1.0)
         a, b = r, r * ecc
-        harmonics = [(k, rng.uniform(0.0, 0.09 / (k - 1)), rng.uniform(0, 2 * np.pi))
-                     for k in (2, 3, 4, 5)]
+        harmonics = [
+            (k, rng.uniform(0.0, 0.09 / (k - 1)), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4, 5)
+        ]
     return a, b, rng.uniform(0, np.pi), harmonics
 
 
@@ -185,9 +186,9 @@ def _one_image(rng, size, channels, density, num_classes):
     signal = signal + _distractors(rng, size)
     gain, offset = _illumination(rng, size)
     texture = 0.04 * _smooth_noise(rng, (size, size), 3.0)
-    psf = rng.uniform(0.7, 1.4)
-    photons = rng.uniform(20.0, 150.0)
-    read_noise = rng.uniform(0.01, 0.04)
+    psf = rng.uniform(0.6, 1.2)
+    photons = rng.uniform(40.0, 250.0)
+    read_noise = rng.uniform(0.01, 0.03)
     planes = []
     for c in range(channels):
         channel_gain = 1.0 if c == 0 else rng.uniform(0.5, 1.2)
@@ -225,7 +226,9 @@ def make_nuclei(n, size=64, seed=0, channels=1, num_classes=1, density=8.0):
     if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
         raise ValueError(f"channels must be a positive int; got {channels!r}")
     if num_classes not in (1, 2):
-        raise ValueError(f"num_classes must be 1 (nuclei) or 2 (nuclei, spindles); got {num_classes!r}")
+        raise ValueError(
+            f"num_classes must be 1 (nuclei) or 2 (nuclei, spindles); got {num_classes!r}"
+        )
     if density < 0:
         raise ValueError(f"density must be >= 0; got {density!r}")
     images = np.zeros((n, size, size, channels), np.float32)
@@ -239,7 +242,10 @@ def make_nuclei(n, size=64, seed=0, channels=1, num_classes=1, density=8.0):
 
 # ---------------------------------------------------------------------------------------- baseline
 def otsu_threshold(values, bins=256):
-    """Otsu's threshold of an array of values in [0, 1] (maximises the between-class variance)."""
+    """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance.
+
+    Foreground is ``values > threshold``.
+    """
     hist, edges = np.histogram(np.asarray(values).ravel(), bins=bins, range=(0.0, 1.0))
     hist = hist.astype(np.float64)
     centres = 0.5 * (edges[:-1] + edges[1:])
@@ -249,7 +255,9 @@ def otsu_threshold(values, bins=256):
     mean0 = m0 / np.maximum(w0, 1e-12)
     mean1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
     between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+    best = np.flatnonzero(between >= between.max() * (1.0 - 1e-9))
+    # Empty bins between two modes leave a plateau of equally good cuts: take its middle.
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
 def dice_score(truth, prediction):

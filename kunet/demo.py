@@ -1,0 +1,271 @@
+"""Train a small UNet on synthetic nuclei images on the current Keras backend and report its Dice.
+
+``kunet demo`` generates a synthetic fluorescence-microscopy segmentation set
+(:func:`kunet.synthetic.make_nuclei`: textured nuclei, debris, out-of-focus ghosts, uneven
+illumination, blur and noise, exact masks), trains a small :class:`kunet.UNet` with ``fit`` (Keras
+progress bar, validation every epoch), then prints the validation Dice next to a global-threshold
+(Otsu) baseline, and writes ``OUT/model.keras`` and ``OUT/demo.png`` (image | truth | prediction for
+a few validation images). The backend is Keras' own choice: ``KERAS_BACKEND=jax kunet demo``.
+
+The defaults reach a validation Dice above 0.90 within about 3 minutes on a 2-core CPU on every
+backend; ``--time-budget`` stops training early (after an epoch) when the next epoch would overrun it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import keras
+import numpy as np
+
+from kunet import synthetic
+from kunet.layers import DoubleConv
+from kunet.model import UNet
+
+DEFAULTS = {
+    "out": "kunet_demo",
+    "samples": 512,
+    "val_samples": 64,
+    "size": 64,
+    "epochs": 5,
+    "batch_size": 8,
+    "filters": (8, 16, 32),
+    "learning_rate": 3e-3,
+    "seed": 0,
+    "time_budget": 170.0,
+    "examples": 4,
+}
+
+
+def _filters(text):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints, e.g. 8,16,32; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"filters must be positive ints; got {text!r}")
+    return values
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}")
+    return value
+
+
+def add_arguments(parser):
+    """Add ``kunet demo``'s options to ``parser`` and make :func:`run` its handler."""
+    d = DEFAULTS
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--out", default=d["out"], help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=d["samples"],
+        help="training images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-samples",
+        type=_positive_int,
+        default=d["val_samples"],
+        help="validation images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive_int,
+        default=d["size"],
+        help="image height and width in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=d["epochs"],
+        help="training epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d["batch_size"],
+        help="batch size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--filters",
+        type=_filters,
+        default=d["filters"],
+        help="UNet encoder filters, comma-separated (default: 8,16,32)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d["learning_rate"],
+        help="Adam learning rate, cosine-decayed to 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help="seed of the data and the weights (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=d["time_budget"],
+        help="seconds from start after which no new epoch starts, 0 = no limit "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=d["examples"],
+        help="validation images drawn in demo.png (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--require-dice",
+        type=float,
+        default=None,
+        metavar="DICE",
+        help="exit with status 1 when the validation Dice ends below DICE",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops ``fit`` after an epoch when one more epoch (as long as the last) would end past ``deadline``.
+
+    ``deadline`` is a ``time.perf_counter()`` reading. ``stopped_at`` is the number of epochs run
+    when it stopped training, else None.
+    """
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+        self.stopped_at = None
+        self._began = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._began = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        if now + (now - self._began) > self.deadline:
+            self.model.stop_training = True
+            self.stopped_at = epoch + 1
+
+
+def _panel(array, zoom):
+    from PIL import Image
+
+    pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L")
+    return image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+
+
+def save_figure(path, images, truth, prediction, zoom=4):
+    """Write a PNG with one row per image: image | truth | prediction, each ``zoom`` x enlarged.
+
+    ``images`` (N, H, W, C) in [0, 1] (channel 0 is drawn); ``truth`` and ``prediction`` (N, H, W)
+    in {0, 1}. The width is ``3 * W * zoom``, the height ``N * H * zoom``. Written atomically.
+    """
+    from PIL import Image
+
+    n, h, w = truth.shape
+    sheet = Image.new("L", (3 * w * zoom, n * h * zoom))
+    for i in range(n):
+        for j, plane in enumerate((images[i, ..., 0], truth[i], prediction[i])):
+            sheet.paste(_panel(np.asarray(plane, np.float32), zoom), (j * w * zoom, i * h * zoom))
+    tmp = f"{path}.partial"
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _start_time():
+    """The ``time.perf_counter()`` reading that ``--time-budget`` and the reported time count from.
+
+    For a fresh ``kunet demo`` process (Linux, younger than a minute at this point) that is the
+    process's start, so interpreter start-up and the Keras and backend imports count too; otherwise
+    (``run`` called from a long-lived process such as a test session or a notebook) it is now.
+    """
+    now = time.perf_counter()
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if 0.0 <= age < 60.0 else now
+
+
+def run(args) -> int:
+    """Generate data, train, report the validation Dice, save the model and the figure."""
+    start = _start_time()
+    backend = keras.backend.backend()
+    keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    print(
+        f"kunet demo: backend {backend}, {args.samples} + {args.val_samples} synthetic "
+        f"{args.size}x{args.size} images, filters {tuple(args.filters)}",
+        flush=True,
+    )
+    images, masks = synthetic.make_nuclei(
+        args.samples + args.val_samples, size=args.size, seed=args.seed
+    )
+    x_train, y_train = images[: args.samples], masks[: args.samples]
+    x_val, y_val = images[args.samples :], masks[args.samples :]
+
+    model = UNet(num_classes=1, filters=tuple(args.filters), input_shape=(None, None, 1))
+    # A short run: with Keras' default BatchNormalization momentum (0.99) the moving statistics
+    # (what validation and predict use) lag behind the weights for the first few hundred steps.
+    for layer in model.layers:
+        if isinstance(layer, DoubleConv) and layer.batch_norm:
+            layer.bn1.momentum = layer.bn2.momentum = 0.9
+    steps = args.epochs * -(-args.samples // args.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+
+    budget = TimeBudget(start + args.time_budget if args.time_budget > 0 else float("inf"))
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(x_val, y_val),
+        callbacks=[budget],
+        verbose=1,
+    )
+    if budget.stopped_at is not None and budget.stopped_at < args.epochs:
+        print(
+            f"time budget of {args.time_budget:g} s: stopped after epoch "
+            f"{budget.stopped_at}/{args.epochs}"
+        )
+
+    logits = model.predict(x_val, batch_size=args.batch_size, verbose=0)
+    prediction = (np.asarray(logits)[..., 0] > 0).astype(np.uint8)
+    dice = synthetic.dice_score(y_val, prediction)
+    baseline = synthetic.otsu_dice(x_val, y_val)
+
+    model_path = os.path.join(args.out, "model.keras")
+    tmp = os.path.join(args.out, "model.partial.keras")
+    model.save(tmp)
+    os.replace(tmp, model_path)
+    figure_path = os.path.join(args.out, "demo.png")
+    k = min(args.examples, len(x_val))
+    save_figure(figure_path, x_val[:k], y_val[:k], prediction[:k])
+
+    elapsed = time.perf_counter() - start
+    print(f"saved {model_path} and {figure_path}")
+    print(f"Otsu threshold baseline Dice: {baseline:.3f}")
+    print(f"validation Dice: {dice:.3f} (backend {backend}, {elapsed:.0f} s)", flush=True)
+    if args.require_dice is not None and dice < args.require_dice:
+        print(f"validation Dice {dice:.3f} is below the required {args.require_dice:g}")
+        return 1
+    return 0

@@ -1,0 +1,125 @@
+"""``kunet demo``: trains end to end on the current backend and writes a loadable model and a figure."""
+
+import contextlib
+import io
+import os
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import kunet
+from kunet import cli, demo
+
+SIZE = 32
+ZOOM = 4  # demo.save_figure's default
+TINY = [
+    "--samples",
+    "8",
+    "--val-samples",
+    "4",
+    "--size",
+    str(SIZE),
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--filters",
+    "4,8",
+    "--examples",
+    "2",
+    "--time-budget",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny demo run shared by the checks of its outputs: (return code, stdout, out dir)."""
+    out = tmp_path_factory.mktemp("demo")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(["demo", "--out", str(out), *TINY])
+    return code, buffer.getvalue(), out
+
+
+def test_demo_succeeds_and_reports_the_dice_and_backend(tiny_run):
+    code, stdout, _ = tiny_run
+    assert code == 0
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("validation Dice: ")
+    dice = float(last.split()[2])
+    assert 0.0 <= dice <= 1.0
+    assert f"backend {keras.backend.backend()}" in last
+    assert "Otsu threshold baseline Dice" in stdout
+
+
+def test_demo_writes_only_the_model_and_the_figure(tiny_run):
+    _, _, out = tiny_run
+    assert sorted(os.listdir(out)) == ["demo.png", "model.keras"]  # no partial files left
+
+
+def test_saved_model_loads_and_predicts(tiny_run):
+    _, _, out = tiny_run
+    model = keras.models.load_model(os.path.join(out, "model.keras"))
+    assert isinstance(model, kunet.UNet)
+    assert model.filters == (4, 8) and model.num_classes == 1
+    images = np.zeros((1, SIZE, SIZE, 1), np.float32)
+    assert tuple(model.predict(images, verbose=0).shape) == (1, SIZE, SIZE, 1)
+
+
+def test_figure_is_a_png_of_three_panels_per_example(tiny_run):
+    _, _, out = tiny_run
+    with Image.open(os.path.join(out, "demo.png")) as image:
+        assert image.format == "PNG"
+        assert image.size == (3 * SIZE * ZOOM, 2 * SIZE * ZOOM)  # 3 panels, --examples 2
+
+
+def test_save_figure_draws_image_truth_and_prediction(tmp_path):
+    images = np.zeros((1, 2, 3, 1), np.float32)
+    images[0, 0, 0, 0] = 1.0
+    truth = np.array([[[0, 1, 0], [0, 0, 0]]], np.uint8)
+    prediction = np.array([[[0, 0, 1], [1, 0, 0]]], np.uint8)
+    path = tmp_path / "figure.png"
+    demo.save_figure(str(path), images, truth, prediction, zoom=2)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (2 * 2, 3 * 3 * 2)
+    panels = [pixels[::2, 6 * j : 6 * (j + 1) : 2] for j in range(3)]  # undo the zoom
+    np.testing.assert_array_equal(panels[0], images[0, ..., 0] * 255)
+    np.testing.assert_array_equal(panels[1], truth[0] * 255)
+    np.testing.assert_array_equal(panels[2], prediction[0] * 255)
+    assert sorted(os.listdir(tmp_path)) == ["figure.png"]
+
+
+def test_require_dice_fails_and_time_budget_stops_training(tmp_path, capsys):
+    code = cli.main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            *TINY,
+            "--epochs",
+            "3",
+            "--time-budget",
+            "0.001",
+            "--require-dice",
+            "1.01",
+        ]
+    )
+    stdout = capsys.readouterr().out
+    assert code == 1
+    assert "stopped after epoch 1/3" in stdout
+    assert "below the required 1.01" in stdout
+
+
+@pytest.mark.parametrize("bad", [["--filters", "8,x"], ["--filters", "0,8"], ["--epochs", "0"]])
+def test_bad_options_are_rejected(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", *bad])
+
+
+def test_help_text_is_the_module_docstring_first_line():
+    first = demo.__doc__.splitlines()[0]
+    assert first and first.endswith(".")
