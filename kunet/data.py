@@ -38,6 +38,7 @@ __all__ = [
     "pair_files",
     "load_folder",
     "folder_datasets",
+    "split",
     "model_num_classes",
     "MAX_INFERRED_CLASSES",
 ]

@@ -248,6 +248,8 @@ def train(
         f"kunet: {len(data.samples)} image(s) ({len(train_samples)} train, {len(val_samples)} "
         f"validation), {data.num_classes} classes, {data.channels} channel(s); run folder {out}",
     )
+    if val_samples == train_samples:
+        _say(verbose, "kunet: too few images to hold some out: validating on the training images")
     if initial_epoch >= epochs:
         _say(verbose, f"kunet: the run already has {initial_epoch} epochs (--epochs {epochs})")
     train_ds = PatchDataset(
