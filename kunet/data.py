@@ -51,7 +51,7 @@ def model_num_classes(num_classes):
     return 1 if num_classes <= 2 else num_classes
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: comparing pixel arrays field by field is ambiguous
 class Sample:
     """One image/mask pair in memory: ``image`` normalized float32 (H, W, C), ``mask`` int32 (H, W)."""
 
