@@ -406,26 +406,21 @@ def evaluate(model_path, images, masks, *, tile_size=None, tta=False):
     """Dice and IoU per class over every pixel of the folder, and their foreground means.
 
     Returns ``{"dice": {class: score}, "iou": {...}, "mean_dice": .., "mean_iou": .., "images": n,
-    "num_classes": K}``; the mean is over classes 1..K-1. A class absent from both truth and
-    prediction scores 1.0 (as in :mod:`kunet.metrics`).
+    "num_classes": K, "per_image_dice": {name: foreground Dice}}``; means are over classes
+    1..K-1. A class absent from both truth and prediction scores 1.0 (as in :mod:`kunet.metrics`).
     """
     model = load_model(model_path)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
     data = load_folder(images, masks, num_classes=num_classes, channels=channels)
-    tp = np.zeros(num_classes)
-    fp = np.zeros(num_classes)
-    fn = np.zeros(num_classes)
+    totals = np.zeros((3, num_classes))  # tp, fp, fn per class
+    per_image = {}
     for s in data.samples:
         pred = predict_labels(model, s.image, tile_size=tile_size, tta=tta).ravel()
-        truth = s.mask.ravel()
-        for c in range(num_classes):
-            p, t = pred == c, truth == c
-            tp[c] += np.count_nonzero(p & t)
-            fp[c] += np.count_nonzero(p & ~t)
-            fn[c] += np.count_nonzero(~p & t)
-    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
-    iou = np.where(tp + fp + fn > 0, tp / np.maximum(tp + fp + fn, 1), 1.0)
+        counts = _confusion(pred, s.mask.ravel(), num_classes)
+        totals += counts
+        per_image[s.name] = round(float(_scores(*counts)[0][1:].mean()), 6)
+    dice, iou = _scores(*totals)
     return {
         "images": len(data.samples),
         "num_classes": num_classes,
@@ -433,4 +428,25 @@ def evaluate(model_path, images, masks, *, tile_size=None, tta=False):
         "iou": {str(c): round(float(v), 6) for c, v in enumerate(iou)},
         "mean_dice": round(float(dice[1:].mean()), 6),
         "mean_iou": round(float(iou[1:].mean()), 6),
+        "per_image_dice": per_image,
     }
+
+
+def _confusion(pred, truth, num_classes):
+    """(3, K) true positives, false positives, false negatives per class."""
+    counts = np.zeros((3, num_classes))
+    for c in range(num_classes):
+        p, t = pred == c, truth == c
+        counts[:, c] = (
+            np.count_nonzero(p & t),
+            np.count_nonzero(p & ~t),
+            np.count_nonzero(~p & t),
+        )
+    return counts
+
+
+def _scores(tp, fp, fn):
+    """Dice and IoU per class; a class absent from truth and prediction scores 1."""
+    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
+    iou = np.where(tp + fp + fn > 0, tp / np.maximum(tp + fp + fn, 1), 1.0)
+    return dice, iou

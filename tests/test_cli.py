@@ -145,6 +145,7 @@ def test_evaluate_prints_scores_and_json_last(trained, capsys):
     assert scores["mean_dice"] == scores["dice"]["1"]
     assert 0.0 <= scores["mean_iou"] <= scores["mean_dice"] <= 1.0
     assert "fg mean" in stdout
+    assert sorted(scores["per_image_dice"]) == [f"im{i}" for i in range(5)]
 
 
 def test_resume_continues_the_run(trained, tmp_path, capsys):
