@@ -171,15 +171,23 @@ def save_figure(path, images, truth, prediction, zoom=4):
     """Write a PNG with one row per image: image | truth | prediction, each ``zoom`` x enlarged.
 
     ``images`` (N, H, W, C) in [0, 1] (channel 0 is drawn); ``truth`` and ``prediction`` (N, H, W)
-    in {0, 1}. The width is ``3 * W * zoom``, the height ``N * H * zoom``. Written atomically.
+    in {0, 1}. The width is ``3 * W * zoom``, the height ``N * H * zoom``. When ``zoom > 1`` a
+    one-pixel grey line is drawn over the first pixel column / row of every panel after the first,
+    to tell the panels apart. Written atomically (temporary file, then ``os.replace``).
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     n, h, w = truth.shape
     sheet = Image.new("L", (3 * w * zoom, n * h * zoom))
     for i in range(n):
         for j, plane in enumerate((images[i, ..., 0], truth[i], prediction[i])):
             sheet.paste(_panel(np.asarray(plane, np.float32), zoom), (j * w * zoom, i * h * zoom))
+    if zoom > 1:
+        draw = ImageDraw.Draw(sheet)
+        for j in (1, 2):
+            draw.line([(j * w * zoom, 0), (j * w * zoom, sheet.height - 1)], fill=128)
+        for i in range(1, n):
+            draw.line([(0, i * h * zoom), (sheet.width - 1, i * h * zoom)], fill=128)
     tmp = f"{path}.partial"
     sheet.save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -86,10 +86,12 @@ def test_save_figure_draws_image_truth_and_prediction(tmp_path):
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("L"))
     assert pixels.shape == (2 * 2, 3 * 3 * 2)
-    panels = [pixels[::2, 6 * j : 6 * (j + 1) : 2] for j in range(3)]  # undo the zoom
+    # Undo the zoom by reading the last pixel of every 2 x 2 block (the separators cover the first).
+    panels = [pixels[1::2, 6 * j + 1 : 6 * (j + 1) : 2] for j in range(3)]
     np.testing.assert_array_equal(panels[0], images[0, ..., 0] * 255)
     np.testing.assert_array_equal(panels[1], truth[0] * 255)
     np.testing.assert_array_equal(panels[2], prediction[0] * 255)
+    assert (pixels[:, 6] == 128).all() and (pixels[:, 12] == 128).all()  # panel separators
     assert sorted(os.listdir(tmp_path)) == ["figure.png"]
 
 
