@@ -116,7 +116,9 @@ def test_require_dice_fails_and_time_budget_stops_training(tmp_path, capsys):
     assert "below the required 1.01" in stdout
 
 
-@pytest.mark.parametrize("bad", [["--filters", "8,x"], ["--filters", "0,8"], ["--epochs", "0"]])
+@pytest.mark.parametrize(
+    "bad", [["--filters", "8,x"], ["--filters", "0,8"], ["--epochs", "0"], ["--size", "4"]]
+)
 def test_bad_options_are_rejected(bad, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", *bad])
