@@ -53,14 +53,10 @@ def tests(session, backend):
 def kernels(session):
     """Fused Triton DoubleConv: parity in Triton's CPU interpreter, then the sm_80/sm_90 AOT report."""
     session.install(*CONSTRAINTS, ".[triton]", *TEST_DEPS)
-    env = {"KERAS_BACKEND": "torch", "TRITON_INTERPRET": "1", **QUIET_ENV}
+    # In session.env, not per command: Keras' torch backend imports triton, which reads
+    # TRITON_INTERPRET at import, before any conftest could set it.
+    session.env.update({"KERAS_BACKEND": "torch", "TRITON_INTERPRET": "1", **QUIET_ENV})
     session.run(
-        "pytest",
-        "tests/kernels",
-        "-p",
-        "no:cacheprovider",
-        "--timeout=900",
-        *session.posargs,
-        env=env,
+        "pytest", "tests/kernels", "-p", "no:cacheprovider", "--timeout=900", *session.posargs
     )
-    session.run("python", "-m", "kunet.kernels.aot", env={"KERAS_BACKEND": "torch", **QUIET_ENV})
+    session.run("python", "-m", "kunet.kernels.aot")

@@ -5,9 +5,20 @@
 >>> model.fit(images, masks, epochs=10)
 """
 
-from kunet import blocks, layers, losses, metrics
-from kunet._fused import FusedUnavailableError, get_fused, set_fused
-from kunet.model import UNet
+import os as _os
+
+# kernels/ is installed as kunet.kernels (pyproject package-dir). When kunet is imported straight
+# from a source checkout (e.g. `python -m kunet.kernels.aot` run in the repository root, where the
+# checkout shadows the installed package), let the checkout's kernels/ answer to that name as well.
+_here = _os.path.dirname(__file__)
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
+    _os.path.join(_here, _os.pardir, "kernels", "double_conv.py")
+):
+    __path__.append(_os.path.dirname(_here))  # noqa: F821 (package __path__)
+
+from kunet import blocks, layers, losses, metrics  # noqa: E402
+from kunet._fused import FusedUnavailableError, get_fused, set_fused  # noqa: E402
+from kunet.model import UNet  # noqa: E402
 
 __version__ = "0.1.0"
 
