@@ -363,3 +363,28 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("kunet: error: ")
     assert "im1.png" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
+    from kunet.io import atomic_save_model
+
+    class Broken:
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError("disk full")
+
+    class Fine:
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"new checkpoint")
+
+    target = tmp_path / "best.keras"
+    target.write_bytes(b"old checkpoint")
+    with pytest.raises(OSError):
+        atomic_save_model(Broken(), target)
+    assert target.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]  # no temporary left behind
+    atomic_save_model(Fine(), target)
+    assert target.read_bytes() == b"new checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
