@@ -217,6 +217,12 @@ def train(
     kio.check_writable(out, "run folder")
     keras.utils.set_random_seed(seed)
     train_samples, val_samples = split(data.samples, val_split, seed)
+    if state is not None:  # resume: keep the run's own validation images when they are all there
+        by_name = {s.name: s for s in data.samples}
+        held_out = state.get("val_images") or []
+        if held_out and all(name in by_name for name in held_out):
+            val_samples = [by_name[name] for name in held_out]
+            train_samples = [s for s in data.samples if s.name not in set(held_out)] or val_samples
     if state is None:
         from kunet.model import UNet
 
