@@ -122,8 +122,11 @@ class Augment:
         return cls(False, False, None, 0.0, brightness=0.0, contrast=None, gamma=None)
 
     # ------------------------------------------------------------------ geometry
-    def coordinates(self, image_shape, size, rng):
-        """Sampling coordinates (ys, xs), each (h, w), of one random output patch of ``size``."""
+    def coordinates(self, image_shape, size, rng, centre=None):
+        """Sampling coordinates (ys, xs), each (h, w), of one random output patch of ``size``.
+
+        ``centre``: (y, x) pixel the patch is centred on; None draws a window inside the image.
+        """
         H, W = image_shape[:2]
         h, w = size
         s = 1.0
@@ -154,8 +157,10 @@ class Augment:
         # when it fits (else centred, mirrored outside).
         oy, ox = oy / s, ox / s
         half_h, half_w = (h - 1) / (2 * s), (w - 1) / (2 * s)
-        cy = _centre(H, half_h, rng)
-        cx = _centre(W, half_w, rng)
+        if centre is None:
+            cy, cx = _centre(H, half_h, rng), _centre(W, half_w, rng)
+        else:
+            cy, cx = float(centre[0]), float(centre[1])
         return oy + cy, ox + cx
 
     # ------------------------------------------------------------------ intensity
@@ -177,14 +182,15 @@ class Augment:
         return image.astype("float32")
 
     # ------------------------------------------------------------------ public
-    def patch(self, image, mask, size, rng=None, seed=None):
+    def patch(self, image, mask, size, rng=None, seed=None, centre=None):
         """A random augmented ``size`` patch of (image (H, W, C), mask (H, W)).
 
-        ``size``: int or (h, w). Returns float32 (h, w, C) and the mask's dtype (h, w).
+        ``size``: int or (h, w); ``centre``: optional (y, x) pixel to centre the patch on.
+        Returns float32 (h, w, C) and the mask's dtype (h, w).
         """
         rng = _rng(rng, seed)
         size = (size, size) if np.isscalar(size) else tuple(size)
-        ys, xs = self.coordinates(image.shape, size, rng)
+        ys, xs = self.coordinates(image.shape, size, rng, centre=centre)
         out_image = sample_bilinear(np.asarray(image, dtype="float32"), ys, xs)
         out_mask = None if mask is None else sample_nearest(np.asarray(mask), ys, xs)
         return self.intensity(out_image, rng), out_mask

@@ -156,6 +156,9 @@ def _targets(masks, num_classes):
 class PatchDataset(keras.utils.PyDataset):
     """Random (augmented) ``patch_size`` patches of in-memory samples, for training.
 
+    A fraction ``foreground`` of the patches (default 1/3, as in nnU-Net) is centred on a random
+    foreground pixel, so that small or sparse objects are seen often; the rest are placed uniformly.
+
     Deterministic: batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. The epoch counter
     advances in ``on_epoch_end`` (set :attr:`epoch` to resume). Each epoch visits the images in a
     shuffled order (``shuffle=True``), cycling until ``patches_per_epoch`` patches.
@@ -174,11 +177,16 @@ class PatchDataset(keras.utils.PyDataset):
         shuffle=True,
         augment=True,
         seed=0,
+        foreground=1 / 3,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not samples:
             raise DataError("no training images")
+        if not 0.0 <= foreground <= 1.0:
+            raise DataError(f"foreground must be in [0, 1]; got {foreground!r}")
+        self.foreground = float(foreground)
+        self._foreground_pixels = {}
         self.samples = list(samples)
         self.num_classes = int(num_classes)
         self.model_num_classes = model_num_classes(self.num_classes)
@@ -216,12 +224,27 @@ class PatchDataset(keras.utils.PyDataset):
         stop = min(start + self.batch_size, self.patches_per_epoch)
         images, masks = [], []
         for k in range(start, stop):
-            sample = self.samples[order[k % len(order)]]
+            i = order[k % len(order)]
+            sample = self.samples[i]
             rng = np.random.default_rng([self.seed, self.epoch, k])
-            image, mask = self.augment.patch(sample.image, sample.mask, self.patch_size, rng=rng)
+            centre = None
+            if self.foreground > 0 and rng.uniform() < self.foreground:
+                centre = self._foreground_centre(i, rng)
+            image, mask = self.augment.patch(
+                sample.image, sample.mask, self.patch_size, rng=rng, centre=centre
+            )
             images.append(image)
             masks.append(mask)
         return np.stack(images).astype("float32"), _targets(masks, self.num_classes)
+
+    def _foreground_centre(self, i, rng):
+        """A random foreground pixel (y, x) of sample ``i``, or None if it has none."""
+        if i not in self._foreground_pixels:
+            self._foreground_pixels[i] = np.flatnonzero(self.samples[i].mask > 0)
+        pixels = self._foreground_pixels[i]
+        if pixels.size == 0:
+            return None
+        return divmod(int(pixels[rng.integers(pixels.size)]), self.samples[i].mask.shape[1])
 
     def on_epoch_end(self):
         self.epoch += 1

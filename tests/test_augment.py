@@ -145,3 +145,11 @@ def test_sample_nearest_mirrors_outside():
     ys = np.zeros((1, 9))
     xs = np.arange(-2, 7, dtype=float)[None, :]
     np.testing.assert_array_equal(sample_nearest(a, ys, xs)[0], [2, 1, 0, 1, 2, 3, 4, 3, 2])
+
+
+def test_patch_centred_on_a_given_pixel():
+    image, mask = _pair(40, 40)
+    plain = Augment.none()
+    img, msk = plain.patch(image, mask, 9, seed=0, centre=(15, 20))
+    np.testing.assert_array_equal(msk, mask[11:20, 16:25])
+    np.testing.assert_array_equal(img, image[11:20, 16:25])

@@ -237,3 +237,32 @@ def test_rgb_colour_masks_are_refused(tmp_path):
     colour[5:10, 5:10] = (255, 0, 0)
     Image.fromarray(colour).save(masks / "im0.png")
     assert "RGB mask" in _error(data.load_folder, images, masks)
+
+
+def test_foreground_patches_find_sparse_objects(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((64, 64), "uint8")
+    mask[50:53, 5:8] = 255  # one 3x3 object in a 64x64 image
+    image = np.random.default_rng(0).integers(0, 255, (64, 64), dtype="uint8")
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    samples = data.load_folder(tmp_path / "images", tmp_path / "masks").samples
+
+    def hits(foreground, augment=False):
+        ds = data.PatchDataset(
+            samples,
+            2,
+            patch_size=16,
+            batch_size=8,
+            patches_per_epoch=32,
+            foreground=foreground,
+            augment=augment,
+        )
+        return np.mean([y.reshape(len(y), -1).max(-1).mean() for _, y in (ds[i] for i in range(4))])
+
+    assert hits(1.0) == 1.0  # every patch centred on the object
+    assert hits(1.0, augment=True) > 0.9  # elastic warps may move the object off a 16-px patch
+    assert hits(0.0) < 0.5  # uniform placement mostly misses it
+    with pytest.raises(io.DataError):
+        data.PatchDataset(samples, 2, foreground=1.5)
