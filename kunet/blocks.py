@@ -14,16 +14,20 @@ from kunet.layers import DoubleConv
 UPSAMPLING_MODES = ("transpose", "bilinear")
 
 
-def encoder_block(x, filters, *, batch_norm=True, fused=None, name="encoder"):
-    """DoubleConv then 2x2 max-pool. Returns ``(skip, pooled)``."""
-    skip = DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+def encoder_block(x, filters, *, name="encoder", **conv_kwargs):
+    """DoubleConv then 2x2 max-pool. Returns ``(skip, pooled)``.
+
+    ``conv_kwargs`` (``batch_norm``, ``bn_momentum``, ``fused``, ...) go to :class:`DoubleConv`, here
+    and in the other blocks.
+    """
+    skip = DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)(x)
     pooled = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(skip)
     return skip, pooled
 
 
-def bottleneck(x, filters, *, batch_norm=True, dropout=0.0, fused=None, name="bottleneck"):
+def bottleneck(x, filters, *, dropout=0.0, name="bottleneck", **conv_kwargs):
     """The deepest DoubleConv, followed by dropout when ``dropout > 0`` (as in the UNet paper)."""
-    x = DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+    x = DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
     return x
@@ -43,13 +47,11 @@ def upsample(x, filters, *, mode="transpose", name="up"):
     raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}; got {mode!r}")
 
 
-def decoder_block(
-    x, skip, filters, *, upsampling="transpose", batch_norm=True, fused=None, name="decoder"
-):
+def decoder_block(x, skip, filters, *, upsampling="transpose", name="decoder", **conv_kwargs):
     """Up-sample ``x``, concatenate the encoder's ``skip``, then DoubleConv."""
     x = upsample(x, filters, mode=upsampling, name=f"{name}_up")
     x = keras.layers.Concatenate(name=f"{name}_concat")([skip, x])
-    return DoubleConv(filters, batch_norm=batch_norm, fused=fused, name=f"{name}_conv")(x)
+    return DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)(x)
 
 
 def segmentation_head(x, num_classes, *, activation=None, name="head"):

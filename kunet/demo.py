@@ -23,7 +23,6 @@ import keras
 import numpy as np
 
 from kunet import synthetic
-from kunet.layers import DoubleConv
 from kunet.model import UNet
 
 DEFAULTS = {
@@ -242,12 +241,11 @@ def run(args) -> int:
     x_train, y_train = images[: args.samples], masks[: args.samples]
     x_val, y_val = images[args.samples :], masks[args.samples :]
 
-    model = UNet(num_classes=1, filters=tuple(args.filters), input_shape=(None, None, 1))
     # A short run: with Keras' default BatchNormalization momentum (0.99) the moving statistics
     # (what validation and predict use) lag behind the weights for the first few hundred steps.
-    for layer in model.layers:
-        if isinstance(layer, DoubleConv) and layer.batch_norm:
-            layer.bn1.momentum = layer.bn2.momentum = 0.9
+    model = UNet(
+        num_classes=1, filters=tuple(args.filters), input_shape=(None, None, 1), bn_momentum=0.9
+    )
     steps = args.epochs * -(-args.samples // args.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule))

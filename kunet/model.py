@@ -73,6 +73,8 @@ class UNet(keras.Model):
         dropout: dropout rate after the bottleneck (default 0.0: none).
         output_activation: None (logits; what the default losses expect), ``"sigmoid"`` or
             ``"softmax"`` (probabilities; compile with matching losses yourself).
+        bn_momentum: BatchNormalization momentum (default 0.99, Keras'); 0.9 suits short runs on
+            small data.
         fused: fused Triton DoubleConv policy for every DoubleConv, see :func:`kunet.set_fused`.
             Not saved in the config (an execution choice, not part of the model).
         name: model name.
@@ -92,6 +94,7 @@ class UNet(keras.Model):
         upsampling="transpose",
         dropout=0.0,
         output_activation=None,
+        bn_momentum=0.99,
         fused=None,
         name="unet",
         **kwargs,
@@ -100,7 +103,7 @@ class UNet(keras.Model):
             num_classes, filters, input_shape, upsampling, dropout, output_activation
         )
         fused = _fused.validate_policy(fused, name="UNet(fused=...)")
-        common = {"batch_norm": batch_norm, "fused": fused}
+        common = {"batch_norm": batch_norm, "bn_momentum": bn_momentum, "fused": fused}
 
         inputs = keras.Input(shape=input_shape, name="image")
         x = PadToMultiple(2 ** len(filters), name="pad")(inputs)
@@ -124,6 +127,7 @@ class UNet(keras.Model):
         self.upsampling = upsampling
         self.dropout = float(dropout)
         self.output_activation = output_activation
+        self.bn_momentum = float(bn_momentum)
         self.fused = fused
         self.compile()
 
@@ -139,6 +143,7 @@ class UNet(keras.Model):
             "upsampling": self.upsampling,
             "dropout": self.dropout,
             "output_activation": self.output_activation,
+            "bn_momentum": self.bn_momentum,
         }
 
     @classmethod

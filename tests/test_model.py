@@ -99,7 +99,12 @@ def test_double_conv_without_batch_norm_has_bias():
 
 def test_config_round_trip(make_unet):
     model = make_unet(
-        num_classes=3, upsampling="bilinear", dropout=0.25, batch_norm=False, name="seg"
+        num_classes=3,
+        upsampling="bilinear",
+        dropout=0.25,
+        batch_norm=False,
+        bn_momentum=0.5,
+        name="seg",
     )
     config = model.get_config()
     assert config["num_classes"] == 3 and config["upsampling"] == "bilinear"
@@ -108,6 +113,21 @@ def test_config_round_trip(make_unet):
     assert clone.count_params() == model.count_params()
     layer = DoubleConv.from_config(DoubleConv(8, batch_norm=False).get_config())
     assert layer.filters == 8 and layer.batch_norm is False
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_is_saved(tmp_path, make_unet):
+    model = make_unet(bn_momentum=0.9)
+    bns = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(bns) == 10 and {bn.momentum for bn in bns} == {0.9}
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("bottleneck_conv").bn2.momentum == 0.9
+    with pytest.raises(ValueError, match="bn_momentum"):
+        make_unet(bn_momentum=1.5)
 
 
 def test_output_activation(make_unet):
