@@ -159,7 +159,8 @@ class PatchDataset(keras.utils.PyDataset):
     A fraction ``foreground`` of the patches (default 1/3, as in nnU-Net) is centred on a random
     foreground pixel, so that small or sparse objects are seen often; the rest are placed uniformly.
 
-    Deterministic: batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. The epoch counter
+    ``patches_per_epoch`` defaults to enough patches to cover the training images twice (at least
+    16). Deterministic: batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. The epoch counter
     advances in ``on_epoch_end`` (set :attr:`epoch` to resume). Each epoch visits the images in a
     shuffled order (``shuffle=True``), cycling until ``patches_per_epoch`` patches.
 
@@ -327,6 +328,7 @@ def folder_datasets(
     num_classes=None,
     channels=None,
     patches_per_epoch=None,
+    foreground=1 / 3,
     **kwargs,
 ):
     """Training and validation datasets from ``images``/``masks`` folders.
@@ -348,6 +350,7 @@ def folder_datasets(
         shuffle=shuffle,
         augment=augment,
         seed=seed,
+        foreground=foreground,
         **kwargs,
     )
     val = TileDataset(val_samples, data.num_classes, patch_size, batch_size, **kwargs)
