@@ -16,7 +16,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
 ):
     __path__.append(_os.path.dirname(_here))  # noqa: F821 (package __path__)
 
-from kunet import blocks, layers, losses, metrics  # noqa: E402
+from kunet import augment, blocks, data, inference, io, layers, losses, metrics  # noqa: E402
 from kunet._fused import FusedUnavailableError, get_fused, set_fused  # noqa: E402
 from kunet.model import UNet  # noqa: E402
 
@@ -24,7 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "UNet",
+    "augment",
     "blocks",
+    "data",
+    "inference",
+    "io",
     "layers",
     "losses",
     "metrics",
