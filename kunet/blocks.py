@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from kunet.layers import DoubleConv
+from kunet.layers import BilinearUpSampling2D, DoubleConv
 
 UPSAMPLING_MODES = ("transpose", "bilinear")
 
@@ -42,7 +42,7 @@ def upsample(x, filters, *, mode="transpose", name="up"):
     if mode == "transpose":
         return keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_transpose")(x)
     if mode == "bilinear":
-        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
+        x = BilinearUpSampling2D(name=f"{name}_resize")(x)
         return keras.layers.Conv2D(filters, 2, padding="same", name=f"{name}_conv")(x)
     raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}; got {mode!r}")
 

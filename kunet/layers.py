@@ -173,3 +173,36 @@ class CropLike(keras.layers.Layer):
     def compute_output_shape(self, input_shapes):
         x, reference = input_shapes
         return (x[0], reference[1], reference[2], x[3])
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class BilinearUpSampling2D(keras.layers.Layer):
+    """Bilinear 2x up-sampling (half-pixel centres, edge clamped) that works on dynamic H and W.
+
+    Numerically the same as ``keras.layers.UpSampling2D(2, interpolation="bilinear")``, which on
+    TensorFlow fails in graph mode when H and W are unknown (``ops.image.resize`` tests the size in
+    Python). Each output pixel is 3/4 of its source pixel plus 1/4 of the neighbour on its side.
+    """
+
+    def call(self, inputs):
+        return _upsample_axis(_upsample_axis(inputs, 1), 2)
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        return (n, None if h is None else 2 * h, None if w is None else 2 * w, c)
+
+
+def _upsample_axis(x, axis):
+    def take(start, stop):
+        index = [slice(None)] * 4
+        index[axis] = slice(start, stop)
+        return x[tuple(index)]
+
+    previous = ops.concatenate([take(None, 1), take(None, -1)], axis=axis)  # x[i-1], clamped
+    following = ops.concatenate([take(1, None), take(-1, None)], axis=axis)  # x[i+1], clamped
+    even = 0.75 * x + 0.25 * previous
+    odd = 0.75 * x + 0.25 * following
+    shape = ops.shape(x)
+    new_shape = [-1, shape[1], shape[2], shape[3]]
+    new_shape[axis] = shape[axis] * 2
+    return ops.reshape(ops.stack([even, odd], axis=axis + 1), new_shape)

@@ -20,6 +20,16 @@ def test_output_has_input_size_for_odd_sizes(make_unet, num_classes, upsampling)
         assert np.all(np.isfinite(out))
 
 
+def test_bilinear_upsampling_matches_keras():
+    from kunet.layers import BilinearUpSampling2D
+
+    x = np.random.rand(2, 5, 7, 3).astype("float32")
+    ours = keras.ops.convert_to_numpy(BilinearUpSampling2D()(x))
+    ref = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+    np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(ref), atol=1e-6)
+    assert BilinearUpSampling2D().compute_output_shape((None, None, 7, 3)) == (None, None, 14, 3)
+
+
 def test_spatial_dims_are_dynamic(make_unet):
     model = make_unet()
     assert model.input_shape == (None, None, None, 1)
