@@ -47,12 +47,14 @@ def _cuda_available() -> bool:
 def _memory_report(dtypes):
     from kunet.kernels import memory
 
-    print("bytes saved for backward (training mode), fused vs plain DoubleConv:")
-    print(f"{'shape':24s} {'dtype':15s} {'fused':>12s} {'plain':>12s} {'fused/plain':>12s}")
+    print("bytes saved for backward (training mode), fused vs the torch-eager plain path vs the")
+    print("Keras sublayers (plain):")
+    print(f"{'shape':24s} {'dtype':15s} {'fused':>12s} {'eager':>12s} {'plain':>12s} "
+          f"{'fused/eager':>12s} {'fused/plain':>12s}")  # fmt: skip
     for dtype in dtypes:
         f = memory.compare(**MEMORY_SHAPE, dtype=dtype)
-        print(f"{f['shape']:24s} {f['dtype']:15s} {f['fused']:12,d} {f['plain']:12,d} "
-              f"{f['ratio']:12.2f}")  # fmt: skip
+        print(f"{f['shape']:24s} {f['dtype']:15s} {f['fused']:12,d} {f['eager']:12,d} "
+              f"{f['plain']:12,d} {f['ratio_eager']:12.2f} {f['ratio']:12.2f}")  # fmt: skip
 
 
 def _layers(shape, policy, device):

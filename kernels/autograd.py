@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from kunet.kernels import double_conv as K
+from kunet.kernels.torch_eager import update_moving_statistics
 
 
 def _stat_vectors(part_mean, part_m2, gamma, beta, m, eps):
@@ -143,30 +144,14 @@ def double_conv_inference(layer, x):
     return DoubleConvInferenceFn.apply(x, w1, c1, w2, c2)
 
 
-def _plain(layer, x, training):
-    """The plain Keras sublayers (the reference semantics), for the cases the kernels do not cover."""
-    from keras import ops
-
-    for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
-        x = ops.relu(bn(conv(x), training=training))
-    return x
-
-
-def _update_moving(bn, mean, var):
-    """Exactly ``keras.layers.BatchNormalization``'s update (fp32 arithmetic, biased variance)."""
-    mom = bn.momentum
-    mm = bn.moving_mean.value.detach().to(torch.float32)
-    mv = bn.moving_variance.value.detach().to(torch.float32)
-    bn.moving_mean.assign(mm * mom + mean * (1.0 - mom))
-    bn.moving_variance.assign(mv * mom + var * (1.0 - mom))
-
-
 def double_conv_layer_forward(layer, x, training: bool):
     """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x`` (fused path)."""
     bn1, bn2 = layer.bn1, layer.bn2
     for bn in (bn1, bn2):
         if bn.center is False or bn.scale is False or getattr(bn, "renorm", False):
-            return _plain(layer, x, training)  # a non-default BN the kernels do not implement
+            return layer.call_sublayers(
+                x, training
+            )  # a non-default BN the kernels do not implement
     batch_mode = training and bn1.trainable and bn2.trainable
     frozen = (not training) or (not bn1.trainable and not bn2.trainable)
     if batch_mode:
@@ -184,9 +169,9 @@ def double_conv_layer_forward(layer, x, training: bool):
             stats,
         )
         with torch.no_grad():
-            _update_moving(bn1, stats["mean1"], stats["var1"])
-            _update_moving(bn2, stats["mean2"], stats["var2"])
+            update_moving_statistics(bn1, stats["mean1"], stats["var1"])
+            update_moving_statistics(bn2, stats["mean2"], stats["var2"])
         return out
     if frozen:
         return double_conv_inference(layer, x)
-    return _plain(layer, x, training)  # one BN frozen, the other not: rare, left to Keras
+    return layer.call_sublayers(x, training)  # one BN frozen, the other not: rare, left to Keras

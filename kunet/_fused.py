@@ -18,6 +18,11 @@ its own).
 Symbolic tracing (building a functional model: torch "meta" tensors, Keras tensors) always takes the
 plain path: both paths produce the same shapes and the same variables.
 
+On the torch backend, a DoubleConv that does not take the fused path runs through PyTorch's own eager
+ops (``kunet.kernels.torch_eager``: conv2d + fused batch norm on a channels_last view, same math and
+variables as the Keras sublayers, without Keras' per-layer layout copies). Everywhere else, and while
+tracing symbolically, the Keras sublayers run.
+
 Nothing here imports torch or triton at module import time.
 """
 
@@ -144,3 +149,19 @@ def double_conv(layer, x, training: bool):
     from kunet.kernels import autograd as fused_ops  # lazy: torch + triton
 
     return fused_ops.double_conv_layer_forward(layer, x, training=training)
+
+
+def use_torch_eager(layer, x) -> bool:
+    """Whether the plain path may run through PyTorch's eager ops (torch backend, a real tensor)."""
+    if keras.backend.backend() != "torch" or _is_symbolic(x):
+        return False
+    from kunet.kernels import torch_eager  # lazy: torch only, no triton
+
+    return torch_eager.supports(layer)
+
+
+def torch_double_conv(layer, x, training: bool):
+    """Run ``layer`` through PyTorch's eager ops (see :mod:`kunet.kernels.torch_eager`)."""
+    from kunet.kernels import torch_eager
+
+    return torch_eager.double_conv_forward(layer, x, training=training)

@@ -101,6 +101,12 @@ class DoubleConv(keras.layers.Layer):
     def call(self, inputs, training=None):
         if _fused.use_fused(self.fused, inputs, batch_norm=self.batch_norm):
             return _fused.double_conv(self, inputs, training=bool(training))
+        if _fused.use_torch_eager(self, inputs):
+            return _fused.torch_double_conv(self, inputs, training=bool(training))
+        return self.call_sublayers(inputs, training)
+
+    def call_sublayers(self, inputs, training=None):
+        """The reference path: the Keras ``Conv2D`` / ``BatchNormalization`` sublayers in turn."""
         x = inputs
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
             x = conv(x)

@@ -1,7 +1,8 @@
 """The fused DoubleConv keeps at most half the bytes of the plain one alive for backward.
 
 Fused: x, raw y1, raw y2 and per-channel vectors.  Plain (Keras Conv2D/BatchNormalization/ReLU on
-torch): the conv inputs, BN's fp32 intermediates and the ReLU outputs.  Counted with
+torch): the conv inputs, BN's fp32 intermediates and the ReLU outputs.  The torch backend's default
+plain path (torch conv2d + fused batch norm, kunet.kernels.torch_eager) sits in between.  Counted with
 saved_tensors_hooks (kunet.kernels.memory) at a UNet-like shape.
 """
 
@@ -17,6 +18,8 @@ SHAPE = dict(n=2, h=64, w=64, c_in=32, c_out=64)
 def test_fused_saves_at_most_half_of_plain(dtype, interpreter_tiles):
     figures = memory.compare(**SHAPE, dtype=dtype)
     assert figures["ratio"] <= 0.5, figures
+    # also below the torch backend's own eager plain path (which already drops BN's intermediates)
+    assert figures["fused"] < figures["eager"] < figures["plain"], figures
     # exactly x, y1 and y2 (compute dtype) plus per-channel fp32 vectors and, under mixed precision,
     # the compute-dtype copies of the two kernels that Keras' autocast hands to the layer
     act = figures["activation_bytes"]
