@@ -68,12 +68,23 @@ def _batch_norm(bn, y, training):
 
 def double_conv_forward(layer, x, training: bool):
     """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x``."""
-    y = x.permute(0, 3, 1, 2)  # NCHW view; channels_last memory when x is contiguous NHWC
+    # NCHW view of the NHWC tensor: channels_last memory when x is contiguous NHWC (no copy); a
+    # tensor Keras left in NCHW memory (e.g. after its max-pool) is converted once here.
+    y = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
-        weight = conv.kernel.value.permute(3, 2, 0, 1).to(y.dtype)  # HWIO -> OIHW
+        # HWIO -> OIHW in channels_last memory, like the activations: oneDNN then keeps the whole
+        # convolution in channels_last (a plain OIHW weight makes it convert the input to NCHW).
+        weight = conv.kernel.value.to(y.dtype).permute(3, 2, 0, 1)
+        weight = weight.contiguous(memory_format=torch.channels_last)
         bias = conv.bias.value.to(y.dtype) if conv.use_bias else None
         y = F.conv2d(y, weight, bias, padding=1)
         if bn is not None:
             y = _batch_norm(bn, y, training)
-        y = torch.relu(y)
+        y = torch.relu_(y)  # in place: neither batch norm's nor conv's backward needs this tensor
     return y.permute(0, 2, 3, 1)
+
+
+def max_pool2x(x):
+    """2x2 stride-2 max-pool of an NHWC tensor, pooled as a channels_last NCHW view."""
+    y = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    return F.max_pool2d(y, 2).permute(0, 2, 3, 1)

@@ -152,9 +152,14 @@ def double_conv(layer, x, training: bool):
 
 
 def use_torch_eager(layer, x) -> bool:
-    """Whether the plain path may run through PyTorch's eager ops (torch backend, a real tensor)."""
+    """Whether ``layer`` may run through PyTorch's eager ops here (torch backend, a real tensor).
+
+    ``layer``: a DoubleConv (checked for options the eager path implements), or None.
+    """
     if keras.backend.backend() != "torch" or _is_symbolic(x):
         return False
+    if layer is None:
+        return True
     from kunet.kernels import torch_eager  # lazy: torch only, no triton
 
     return torch_eager.supports(layer)
@@ -165,3 +170,10 @@ def torch_double_conv(layer, x, training: bool):
     from kunet.kernels import torch_eager
 
     return torch_eager.double_conv_forward(layer, x, training=training)
+
+
+def torch_max_pool2x(x):
+    """2x2 max-pool of an NHWC torch tensor in channels_last memory (no layout copies)."""
+    from kunet.kernels import torch_eager
+
+    return torch_eager.max_pool2x(x)

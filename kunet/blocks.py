@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from kunet.layers import BilinearUpSampling2D, DoubleConv
+from kunet.layers import BilinearUpSampling2D, DoubleConv, MaxPool2x
 
 UPSAMPLING_MODES = ("transpose", "bilinear")
 
@@ -21,7 +21,7 @@ def encoder_block(x, filters, *, name="encoder", **conv_kwargs):
     and in the other blocks.
     """
     skip = DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)(x)
-    pooled = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(skip)
+    pooled = MaxPool2x(name=f"{name}_pool")(skip)
     return skip, pooled
 
 

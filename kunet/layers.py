@@ -152,6 +152,8 @@ class PadToMultiple(keras.layers.Layer):
         shape = ops.shape(inputs)
         pad_h = (self.multiple - shape[1] % self.multiple) % self.multiple
         pad_w = (self.multiple - shape[2] % self.multiple) % self.multiple
+        if isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == pad_w == 0:
+            return inputs  # known sizes that need no padding: skip the copy
         top, left = pad_h // 2, pad_w // 2
         return ops.pad(inputs, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]])
 
@@ -172,6 +174,8 @@ class CropLike(keras.layers.Layer):
     def call(self, inputs):
         x, reference = inputs
         shape, ref = ops.shape(x), ops.shape(reference)
+        if all(isinstance(d, int) for d in (*shape[1:3], *ref[1:3])) and shape[1:3] == ref[1:3]:
+            return x  # nothing was padded
         top = (shape[1] - ref[1]) // 2
         left = (shape[2] - ref[2]) // 2
         return ops.slice(x, [0, top, left, 0], [shape[0], ref[1], ref[2], shape[3]])
@@ -212,3 +216,21 @@ def _upsample_axis(x, axis):
     new_shape = [-1, shape[1], shape[2], shape[3]]
     new_shape[axis] = shape[axis] * 2
     return ops.reshape(ops.stack([even, odd], axis=axis + 1), new_shape)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class MaxPool2x(keras.layers.Layer):
+    """2x2 max-pooling with stride 2 (``keras.layers.MaxPooling2D(2)``, no variables).
+
+    On the torch backend it pools a channels_last view directly (``F.max_pool2d``), where Keras'
+    own layer copies the tensor to NCHW and back; elsewhere it is Keras' ``ops.max_pool``.
+    """
+
+    def call(self, inputs):
+        if _fused.use_torch_eager(None, inputs):
+            return _fused.torch_max_pool2x(inputs)
+        return ops.max_pool(inputs, pool_size=2, strides=2, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        return (n, None if h is None else h // 2, None if w is None else w // 2, c)

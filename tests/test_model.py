@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kunet
-from kunet.layers import DoubleConv
+from kunet.layers import DoubleConv, MaxPool2x
 
 
 @pytest.mark.parametrize("num_classes", [1, 4])
@@ -30,6 +30,14 @@ def test_bilinear_upsampling_matches_keras():
     assert BilinearUpSampling2D().compute_output_shape((None, None, 7, 3)) == (None, None, 14, 3)
 
 
+def test_max_pool_matches_keras():
+    x = np.random.rand(2, 7, 9, 3).astype("float32")
+    ours = keras.ops.convert_to_numpy(MaxPool2x()(x))
+    ref = keras.ops.convert_to_numpy(keras.layers.MaxPooling2D(2)(x))
+    np.testing.assert_array_equal(ours, ref)
+    assert MaxPool2x().compute_output_shape((None, 7, None, 3)) == (None, 3, None, 3)
+
+
 def test_spatial_dims_are_dynamic(make_unet):
     model = make_unet()
     assert model.input_shape == (None, None, None, 1)
@@ -47,7 +55,7 @@ def test_depth_follows_filters():
         model = kunet.UNet(filters=filters, input_shape=(None, None, 1))
         convs = [layer for layer in model.layers if isinstance(layer, DoubleConv)]
         assert [c.filters for c in convs] == [*filters, 2 * filters[-1], *filters[::-1]]
-        pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+        pools = [layer for layer in model.layers if isinstance(layer, MaxPool2x)]
         assert len(pools) == len(filters)
 
 
