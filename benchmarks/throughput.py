@@ -111,7 +111,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6, help="batches per timed round")
+    parser.add_argument("--steps", type=int, default=12, help="batches per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "true", "false"])
     parser.add_argument("--no-reference", action="store_true")
