@@ -23,6 +23,8 @@ import keras
 import numpy as np
 
 from kunet import synthetic
+from kunet.cli import _positive_int
+from kunet.io import atomic_path, atomic_save_model
 from kunet.model import UNet
 
 DEFAULTS = {
@@ -58,13 +60,6 @@ def _size(text):
         raise argparse.ArgumentTypeError(
             f"expected an image size of at least 8 pixels; got {text!r}"
         )
-    return value
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}")
     return value
 
 
@@ -199,9 +194,8 @@ def save_figure(path, images, truth, prediction, zoom=4):
             draw.line([(j * w * zoom, 0), (j * w * zoom, sheet.height - 1)], fill=128)
         for i in range(1, n):
             draw.line([(0, i * h * zoom), (sheet.width - 1, i * h * zoom)], fill=128)
-    tmp = f"{path}.partial"
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
 
 
 def _start_time():
@@ -272,9 +266,7 @@ def run(args) -> int:
     baseline = synthetic.otsu_dice(x_val, y_val)
 
     model_path = os.path.join(args.out, "model.keras")
-    tmp = os.path.join(args.out, "model.partial.keras")
-    model.save(tmp)
-    os.replace(tmp, model_path)
+    atomic_save_model(model, model_path)
     figure_path = os.path.join(args.out, "demo.png")
     k = min(args.examples, len(x_val))
     save_figure(figure_path, x_val[:k], y_val[:k], prediction[:k])
