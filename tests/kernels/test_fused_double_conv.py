@@ -55,14 +55,17 @@ def _random_value(name, shape, rng):
 
 def _step(layer, x):
     """One training-mode forward + backward of a non-uniform loss; everything as numpy."""
+    # the plain twin runs the Keras sublayers themselves (on torch, fused=False would otherwise take
+    # the eager torch path, which tests/test_torch_eager.py pins to the same sublayers)
+    forward = layer if layer.fused else layer.call_sublayers
     xt = torch.tensor(x, requires_grad=True)
-    out = layer(xt, training=True)
+    out = forward(xt, training=True)
     weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
     (out.float() * weights).sum().backward()
     grads = {v.path.split("/", 1)[1]: v.value.grad.numpy().copy() for v in layer.trainable_weights}
     moving = {v.path.split("/", 1)[1]: v.numpy().copy() for v in layer.non_trainable_weights}
     with torch.no_grad():
-        inference = layer(torch.tensor(x), training=False).float().numpy()
+        inference = forward(torch.tensor(x), training=False).float().numpy()
     return out.detach().float().numpy(), xt.grad.numpy(), grads, moving, inference
 
 
