@@ -14,23 +14,31 @@ from kunet.layers import DoubleConv
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def trained_pair(tmp_path_factory, interpreter_tiles):
-    """A small UNet trained STEPS steps fused and plain from the same weights; the fused checkpoint."""
+UNET = dict(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3))
+
+
+def _train_twins():
+    """A small UNet built fused and plain from the same weights, each trained STEPS steps."""
     keras.utils.set_random_seed(0)
-    kwargs = dict(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3))
-    fused = kunet.UNet(fused=True, **kwargs)
-    plain = kunet.UNet(fused=False, **kwargs)
+    fused = kunet.UNet(fused=True, **UNET)
+    plain = kunet.UNet(fused=False, **UNET)
     plain.set_weights(fused.get_weights())
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
     masks = (rng.random((2, 32, 32)) > 0.5).astype("float32")
-    losses = {}
-    for name, model in (("fused", fused), ("plain", plain)):
-        losses[name] = [
-            float(model.train_on_batch(images, masks, return_dict=True)["loss"])
-            for _ in range(STEPS)
+    losses = {
+        name: [
+            float(m.train_on_batch(images, masks, return_dict=True)["loss"]) for _ in range(STEPS)
         ]
+        for name, m in (("fused", fused), ("plain", plain))
+    }
+    return fused, plain, losses, images
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory, interpreter_tiles):
+    """The fused/plain twins after STEPS steps, and the fused model's checkpoint."""
+    fused, plain, losses, images = _train_twins()
     path = tmp_path_factory.mktemp("ckpt") / "fused.weights.h5"
     fused.save_weights(path)
     return fused, plain, losses, images, path
@@ -46,14 +54,14 @@ def test_unet_trains_the_same_fused_and_plain(trained_pair):
 
 def test_fused_checkpoint_loads_into_plain_model(trained_pair):
     fused, _, _, images, path = trained_pair
-    plain = kunet.UNet(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3), fused=False)
+    plain = kunet.UNet(fused=False, **UNET)
     plain.load_weights(path)
     for wf, wp in zip(fused.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_array_equal(wf, wp)
     out_plain = plain.predict(images, verbose=0)
     np.testing.assert_allclose(fused.predict(images, verbose=0), out_plain, rtol=1e-4, atol=1e-4)
     # the same file through the fused inference path of a fresh model
-    again = kunet.UNet(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3), fused=True)
+    again = kunet.UNet(fused=True, **UNET)
     again.load_weights(path)
     np.testing.assert_allclose(again.predict(images, verbose=0), out_plain, rtol=1e-4, atol=1e-4)
 
@@ -101,18 +109,5 @@ def test_layer_policy_wins_over_global(fused_forward_calls):
 
 def test_unet_trains_the_same_in_mixed_float16(interpreter_tiles):
     keras.config.set_dtype_policy("mixed_float16")  # reset to float32 by tests/conftest.py
-    keras.utils.set_random_seed(0)
-    kwargs = dict(num_classes=1, filters=(8, 16), input_shape=(32, 32, 3))
-    fused = kunet.UNet(fused=True, **kwargs)
-    plain = kunet.UNet(fused=False, **kwargs)
-    plain.set_weights(fused.get_weights())
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
-    masks = (rng.random((2, 32, 32)) > 0.5).astype("float32")
-    losses = {
-        name: [
-            float(m.train_on_batch(images, masks, return_dict=True)["loss"]) for _ in range(STEPS)
-        ]
-        for name, m in (("fused", fused), ("plain", plain))
-    }
+    _, _, losses, _ = _train_twins()
     np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-3)
