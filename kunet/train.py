@@ -36,6 +36,10 @@ DEFAULT_PATCH_SIZE = 128
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_EPOCHS = 40
 DEFAULT_TILE_SIZE = 256
+# Keras' default 0.99 averages the batch statistics over ~100 steps. A short run on a dozen images
+# changes its weights faster than that, so the moving statistics used at validation and inference lag
+# and the validation Dice swings from epoch to epoch; 0.9 (~10 steps) tracks them. Saved with the
+# model (UNet's bn_momentum), so a resumed run keeps it.
 BN_MOMENTUM = 0.9
 OVERLAYS = 4
 
@@ -138,19 +142,6 @@ def predict_labels(model, image, tile_size=None, tta=False, batch_size=4):
     return inference.to_labels(probs)
 
 
-def set_bn_momentum(model, momentum):
-    """Set the moving-statistics momentum of every BatchNormalization in a kunet UNet.
-
-    Keras' default 0.99 averages the batch statistics over ~100 steps. A short run on a dozen images
-    changes its weights faster than that, so the moving statistics used at validation and inference
-    lag behind and the validation Dice swings from epoch to epoch; 0.9 (~10 steps) tracks them.
-    """
-    for layer in model.layers:
-        for bn in (layer, getattr(layer, "bn1", None), getattr(layer, "bn2", None)):
-            if isinstance(bn, keras.layers.BatchNormalization):
-                bn.momentum = momentum
-
-
 def _say(verbose, *parts):
     if verbose:
         print(*parts, flush=True)
@@ -230,6 +221,7 @@ def train(
             num_classes=data.model_num_classes,
             filters=tuple(filters),
             input_shape=(None, None, data.channels),
+            bn_momentum=BN_MOMENTUM,
         )
         state = {
             "epoch": 0,
@@ -247,7 +239,6 @@ def train(
         }
     else:
         model = load_model(out / "last.keras")
-    set_bn_momentum(model, BN_MOMENTUM)
     initial_epoch = state["epoch"]
     _say(
         verbose,
