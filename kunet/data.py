@@ -153,7 +153,22 @@ def _targets(masks, num_classes):
     return y.astype("float32") if model_num_classes(num_classes) == 1 else y.astype("int32")
 
 
-class PatchDataset(keras.utils.PyDataset):
+class _SampleDataset(keras.utils.PyDataset):
+    """What PatchDataset and TileDataset share: the samples, their classes, channels and sizes."""
+
+    def __init__(self, samples, num_classes, patch_size, batch_size, what, **kwargs):
+        super().__init__(**kwargs)
+        if not samples:
+            raise DataError(f"no {what} images")
+        self.samples = list(samples)
+        self.num_classes = int(num_classes)
+        self.model_num_classes = model_num_classes(self.num_classes)
+        self.channels = self.samples[0].image.shape[-1]
+        self.patch_size = _size(patch_size)
+        self.batch_size = int(batch_size)
+
+
+class PatchDataset(_SampleDataset):
     """Random (augmented) ``patch_size`` patches of in-memory samples, for training.
 
     A fraction ``foreground`` of the patches (default 1/3, as in nnU-Net) is centred on a random
@@ -181,19 +196,11 @@ class PatchDataset(keras.utils.PyDataset):
         foreground=1 / 3,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if not samples:
-            raise DataError("no training images")
+        super().__init__(samples, num_classes, patch_size, batch_size, "training", **kwargs)
         if not 0.0 <= foreground <= 1.0:
             raise DataError(f"foreground must be in [0, 1]; got {foreground!r}")
         self.foreground = float(foreground)
         self._foreground_pixels = {}
-        self.samples = list(samples)
-        self.num_classes = int(num_classes)
-        self.model_num_classes = model_num_classes(self.num_classes)
-        self.channels = self.samples[0].image.shape[-1]
-        self.patch_size = _size(patch_size)
-        self.batch_size = int(batch_size)
         if patches_per_epoch is None:
             area = sum(s.image.shape[0] * s.image.shape[1] for s in self.samples)
             per_patch = self.patch_size[0] * self.patch_size[1]
@@ -251,7 +258,7 @@ class PatchDataset(keras.utils.PyDataset):
         self.epoch += 1
 
 
-class TileDataset(keras.utils.PyDataset):
+class TileDataset(_SampleDataset):
     """Every sample cut into a fixed grid of ``patch_size`` tiles, in order: for validation.
 
     The last tile of a row or column is flush with the image's edge; images smaller than the tile are
@@ -259,15 +266,7 @@ class TileDataset(keras.utils.PyDataset):
     """
 
     def __init__(self, samples, num_classes, patch_size=128, batch_size=4, **kwargs):
-        super().__init__(**kwargs)
-        if not samples:
-            raise DataError("no validation images")
-        self.samples = list(samples)
-        self.num_classes = int(num_classes)
-        self.model_num_classes = model_num_classes(self.num_classes)
-        self.channels = self.samples[0].image.shape[-1]
-        self.patch_size = _size(patch_size)
-        self.batch_size = int(batch_size)
+        super().__init__(samples, num_classes, patch_size, batch_size, "validation", **kwargs)
         self.tiles = [
             (i, corner)
             for i, s in enumerate(self.samples)
