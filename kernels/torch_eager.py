@@ -40,51 +40,92 @@ def update_moving_statistics(bn, mean, var):
     bn.moving_variance.assign(moving_var * momentum + var * (1.0 - momentum))
 
 
-def _batch_norm(bn, y, training):
+def _batch_norm(bn, y):
+    """Training-mode batch norm with batch statistics; updates ``bn``'s moving statistics."""
     dtype = y.dtype
     y = y.float()  # as Keras: BN computes in float32
     gamma = bn.gamma.value.float()
     beta = bn.beta.value.float()
-    if training and bn.trainable:
-        out, mean, invstd = torch.native_batch_norm(
-            y, gamma, beta, None, None, True, 0.0, bn.epsilon
-        )
-        with torch.no_grad():
-            var = (invstd.double().pow(-2) - bn.epsilon).clamp_min(0.0).float()
-            update_moving_statistics(bn, mean, var)
-    else:
-        out = F.batch_norm(
-            y,
-            bn.moving_mean.value.float(),
-            bn.moving_variance.value.float(),
-            gamma,
-            beta,
-            False,
-            0.0,
-            bn.epsilon,
-        )
+    out, mean, invstd = torch.native_batch_norm(y, gamma, beta, None, None, True, 0.0, bn.epsilon)
+    with torch.no_grad():
+        var = (invstd.double().pow(-2) - bn.epsilon).clamp_min(0.0).float()
+        update_moving_statistics(bn, mean, var)
     return out.to(dtype)
 
 
+def _weight(conv, dtype):
+    """A Keras HWIO kernel as an OIHW weight in channels_last memory, like the activations.
+
+    oneDNN then keeps the whole convolution in channels_last (a plain OIHW weight makes it convert the
+    input to NCHW).
+    """
+    return (
+        conv.kernel.value.to(dtype)
+        .permute(3, 2, 0, 1)
+        .contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _folded(conv, bn, dtype):
+    """Weight and bias of ``conv`` followed by an inference-mode ``bn``, as one convolution.
+
+    ``bn(conv(x)) = conv(x) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``: scaling
+    the kernel's output channels by ``s`` saves batch norm's whole pass over the activations. Folded in
+    float32 (Keras computes BN in float32), then cast to the compute dtype.
+    """
+    kernel = conv.kernel.value.float()
+    scale = bn.gamma.value.float() * torch.rsqrt(bn.moving_variance.value.float() + bn.epsilon)
+    shift = bn.beta.value.float() - bn.moving_mean.value.float() * scale
+    if conv.use_bias:
+        shift = shift + conv.bias.value.float() * scale
+    weight = (kernel * scale).to(dtype).permute(3, 2, 0, 1)
+    return weight.contiguous(memory_format=torch.channels_last), shift.to(dtype)
+
+
+def nchw_view(x):
+    """The NCHW view of an NHWC tensor, in channels_last memory (no copy when ``x`` is contiguous)."""
+    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
 def double_conv_forward(layer, x, training: bool):
-    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x``."""
-    # NCHW view of the NHWC tensor: channels_last memory when x is contiguous NHWC (no copy); a
-    # tensor Keras left in NCHW memory (e.g. after its max-pool) is converted once here.
-    y = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x``.
+
+    Batch norm in inference mode (``training=False``, or a frozen BN) is folded into the convolution.
+    """
+    # A tensor Keras left in NCHW memory is converted once here; anything from this module is not.
+    y = nchw_view(x)
     for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
-        # HWIO -> OIHW in channels_last memory, like the activations: oneDNN then keeps the whole
-        # convolution in channels_last (a plain OIHW weight makes it convert the input to NCHW).
-        weight = conv.kernel.value.to(y.dtype).permute(3, 2, 0, 1)
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        bias = conv.bias.value.to(y.dtype) if conv.use_bias else None
-        y = F.conv2d(y, weight, bias, padding=1)
-        if bn is not None:
-            y = _batch_norm(bn, y, training)
+        if bn is not None and not (training and bn.trainable):
+            weight, bias = _folded(conv, bn, y.dtype)
+            y = F.conv2d(y, weight, bias, padding=1)
+        else:
+            bias = conv.bias.value.to(y.dtype) if conv.use_bias else None
+            y = F.conv2d(y, _weight(conv, y.dtype), bias, padding=1)
+            if bn is not None:
+                y = _batch_norm(bn, y)
         y = torch.relu_(y)  # in place: neither batch norm's nor conv's backward needs this tensor
+    return y.permute(0, 2, 3, 1)
+
+
+def conv2d(layer, x):
+    """``keras.layers.Conv2D`` ``layer`` (stride 1, "valid" or odd-kernel "same") on NHWC ``x``."""
+    weight = _weight(layer, x.dtype)
+    bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
+    padding = tuple(k // 2 for k in layer.kernel_size) if layer.padding == "same" else 0
+    y = F.conv2d(nchw_view(x), weight, bias, padding=padding)
+    return y.permute(0, 2, 3, 1)
+
+
+def conv_transpose2d(layer, x):
+    """``keras.layers.Conv2DTranspose`` ``layer`` with kernel == strides, "valid", on NHWC ``x``."""
+    # Keras' transposed kernel is (kh, kw, out, in); torch's is (in, out, kh, kw).
+    weight = layer.kernel.value.to(x.dtype).permute(3, 2, 0, 1)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
+    y = F.conv_transpose2d(nchw_view(x), weight, bias, stride=layer.strides)
     return y.permute(0, 2, 3, 1)
 
 
 def max_pool2x(x):
     """2x2 stride-2 max-pool of an NHWC tensor, pooled as a channels_last NCHW view."""
-    y = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    return F.max_pool2d(y, 2).permute(0, 2, 3, 1)
+    return F.max_pool2d(nchw_view(x), 2).permute(0, 2, 3, 1)

@@ -177,3 +177,17 @@ def torch_max_pool2x(x):
     from kunet.kernels import torch_eager
 
     return torch_eager.max_pool2x(x)
+
+
+def torch_conv2d(layer, x):
+    """``layer`` (a ``keras.layers.Conv2D``) on an NHWC torch tensor, in channels_last memory."""
+    from kunet.kernels import torch_eager
+
+    return torch_eager.conv2d(layer, x)
+
+
+def torch_conv_transpose2d(layer, x):
+    """``layer`` (a ``keras.layers.Conv2DTranspose``) on an NHWC torch tensor, channels_last."""
+    from kunet.kernels import torch_eager
+
+    return torch_eager.conv_transpose2d(layer, x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from kunet.layers import BilinearUpSampling2D, DoubleConv, MaxPool2x
+from kunet.layers import BilinearUpSampling2D, Conv2D, Conv2DTranspose, DoubleConv, MaxPool2x
 
 UPSAMPLING_MODES = ("transpose", "bilinear")
 
@@ -36,14 +36,16 @@ def bottleneck(x, filters, *, dropout=0.0, name="bottleneck", **conv_kwargs):
 def upsample(x, filters, *, mode="transpose", name="up"):
     """Double H and W and set the channels to ``filters``.
 
-    ``"transpose"``: a 2x2 stride-2 ``Conv2DTranspose``. ``"bilinear"``: ``UpSampling2D`` (bilinear)
-    followed by a 2x2 convolution (the paper's "up-convolution").
+    ``"transpose"``: a 2x2 stride-2 transposed convolution. ``"bilinear"``: bilinear up-sampling
+    followed by a 2x2 convolution (the paper's "up-convolution"). The convolutions are
+    :class:`kunet.layers.Conv2D` / :class:`kunet.layers.Conv2DTranspose`: Keras' layers, without
+    layout copies on torch.
     """
     if mode == "transpose":
-        return keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_transpose")(x)
+        return Conv2DTranspose(filters, 2, strides=2, name=f"{name}_transpose")(x)
     if mode == "bilinear":
         x = BilinearUpSampling2D(name=f"{name}_resize")(x)
-        return keras.layers.Conv2D(filters, 2, padding="same", name=f"{name}_conv")(x)
+        return Conv2D(filters, 2, padding="same", name=f"{name}_conv")(x)
     raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}; got {mode!r}")
 
 
@@ -59,4 +61,4 @@ def segmentation_head(x, num_classes, *, activation=None, name="head"):
 
     The head always computes in float32, so logits and probabilities stay accurate under mixed precision.
     """
-    return keras.layers.Conv2D(num_classes, 1, activation=activation, dtype="float32", name=name)(x)
+    return Conv2D(num_classes, 1, activation=activation, dtype="float32", name=name)(x)

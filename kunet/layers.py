@@ -234,3 +234,57 @@ class MaxPool2x(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         return (n, None if h is None else h // 2, None if w is None else w // 2, c)
+
+
+def _plain_conv(layer) -> bool:
+    """Options the torch channels_last convolutions implement (others run Keras' own call)."""
+    return (
+        layer.data_format == "channels_last"
+        and getattr(layer, "groups", 1) == 1
+        and all(d == 1 for d in layer.dilation_rate)
+        and not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+    )
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class Conv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` (same arguments, variables and config) that avoids layout copies on torch.
+
+    On the torch backend, stride 1 with ``"valid"`` padding or an odd kernel with ``"same"`` runs as
+    ``F.conv2d`` on a channels_last view of the NHWC tensor, where Keras' own layer copies the tensor
+    to NCHW and back. Everywhere else (and for other options) it is Keras' layer.
+    """
+
+    def call(self, inputs):
+        if (
+            _fused.use_torch_eager(None, inputs)
+            and _plain_conv(self)
+            and all(s == 1 for s in self.strides)
+            and (self.padding == "valid" or all(k % 2 == 1 for k in self.kernel_size))
+        ):
+            outputs = _fused.torch_conv2d(self, inputs)
+            return outputs if self.activation is None else self.activation(outputs)
+        return super().call(inputs)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class Conv2DTranspose(keras.layers.Conv2DTranspose):
+    """``keras.layers.Conv2DTranspose`` (same arguments, variables and config), channels_last on torch.
+
+    On the torch backend, a kernel equal to its strides (the UNet's 2x2 stride-2 up-convolution) with
+    ``"valid"`` padding runs as ``F.conv_transpose2d`` on a channels_last view of the NHWC tensor;
+    anything else is Keras' layer.
+    """
+
+    def call(self, inputs):
+        if (
+            _fused.use_torch_eager(None, inputs)
+            and _plain_conv(self)
+            and tuple(self.kernel_size) == tuple(self.strides)
+            and self.padding == "valid"
+            and self.output_padding is None
+        ):
+            outputs = _fused.torch_conv_transpose2d(self, inputs)
+            return outputs if self.activation is None else self.activation(outputs)
+        return super().call(inputs)

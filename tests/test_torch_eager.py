@@ -122,3 +122,89 @@ def test_mixed_precision():
         _close(g, r, "float16")
     for g, r in zip(got[2], want[2], strict=True):
         _close(g, r, "float16")
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, shape",
+    [
+        ("conv", {"filters": 5, "kernel_size": 1}, (2, 6, 7, 8)),
+        (
+            "conv",
+            {"filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
+            (2, 9, 5, 3),
+        ),
+        (
+            "conv",
+            {"filters": 4, "kernel_size": 3, "padding": "valid", "use_bias": False},
+            (1, 7, 7, 2),
+        ),
+        ("conv", {"filters": 3, "kernel_size": 2, "padding": "same"}, (2, 6, 6, 4)),  # Keras' call
+        ("conv", {"filters": 3, "kernel_size": 3, "strides": 2}, (2, 9, 9, 4)),  # Keras' call
+        ("transpose", {"filters": 6, "kernel_size": 2, "strides": 2}, (2, 5, 3, 8)),
+        (
+            "transpose",
+            {"filters": 2, "kernel_size": 3, "strides": 3, "activation": "sigmoid"},
+            (1, 4, 4, 3),
+        ),
+        (
+            "transpose",
+            {"filters": 2, "kernel_size": 3, "strides": 2, "padding": "same"},
+            (1, 4, 4, 3),
+        ),
+    ],
+)
+@pytest.mark.parametrize("dtype_policy", ["float32", "mixed_float16"])
+def test_convolutions_match_keras_layers(kind, kwargs, shape, dtype_policy):
+    """kunet.layers.Conv2D / Conv2DTranspose == Keras' layers: outputs and all gradients."""
+    import torch
+
+    from kunet import layers
+
+    keras.config.set_dtype_policy(dtype_policy)
+    ours_cls, keras_cls = {
+        "conv": (layers.Conv2D, keras.layers.Conv2D),
+        "transpose": (layers.Conv2DTranspose, keras.layers.Conv2DTranspose),
+    }[kind]
+    ours, theirs = ours_cls(**kwargs), keras_cls(**kwargs)
+    ours.build(shape)
+    theirs.build(shape)
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(0, 0.5, w.shape).astype("float32") for w in ours.get_weights()]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    x = rng.normal(size=shape).astype("float32")
+    results = []
+    for layer in (ours, theirs):
+        xt = torch.tensor(x, requires_grad=True)
+        out = layer(xt)
+        loss = (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        grads = torch.autograd.grad(loss, [xt] + [v.value for v in layer.trainable_variables])
+        results.append((out, grads))
+    (got, got_grads), (want, want_grads) = results
+    assert tuple(got.shape) == tuple(want.shape) == tuple(ours.compute_output_shape(shape))
+    assert got.dtype == want.dtype
+    tol = "float16" if dtype_policy == "mixed_float16" else "float32"
+    _close(got.detach().float().numpy(), want.detach().float().numpy(), tol)
+    for g, r in zip(got_grads, want_grads, strict=True):
+        _close(g.float().numpy(), r.float().numpy(), tol)
+
+
+def test_convolutions_take_the_channels_last_path(monkeypatch):
+    """The UNet's up-convolution and head run through kunet.kernels.torch_eager (not Keras' copies)."""
+    import torch
+
+    import kunet
+    from kunet import _fused
+
+    calls = []
+    for name in ("torch_conv2d", "torch_conv_transpose2d"):
+        original = getattr(_fused, name)
+        monkeypatch.setattr(
+            _fused, name, lambda layer, x, _f=original, _n=name: calls.append(_n) or _f(layer, x)
+        )
+    model = kunet.UNet(num_classes=2, filters=(4, 8), input_shape=(16, 16, 1))
+    out = model(torch.zeros(1, 16, 16, 1), training=False)
+    assert tuple(out.shape) == (1, 16, 16, 2)
+    assert out.is_contiguous()  # NHWC memory: no layout copy left behind
+    # one up-convolution per decoder stage (one per filters entry), one head
+    assert calls.count("torch_conv_transpose2d") == 2 and calls.count("torch_conv2d") == 1
