@@ -191,3 +191,19 @@ def torch_conv_transpose2d(layer, x):
     from kunet.kernels import torch_eager
 
     return torch_eager.conv_transpose2d(layer, x)
+
+
+def use_tensorflow_ops(layer, x) -> bool:
+    """Whether DoubleConv ``layer`` may run through TensorFlow's fused ops here (TF backend)."""
+    if keras.backend.backend() != "tensorflow" or _is_symbolic(x):
+        return False
+    from kunet.kernels import tensorflow_ops  # lazy: tensorflow only
+
+    return tensorflow_ops.supports(layer)
+
+
+def tensorflow_double_conv(layer, x, training: bool):
+    """Run ``layer`` through TensorFlow's fused ops (see :mod:`kunet.kernels.tensorflow_ops`)."""
+    from kunet.kernels import tensorflow_ops
+
+    return tensorflow_ops.double_conv_forward(layer, x, training=training)

@@ -103,6 +103,8 @@ class DoubleConv(keras.layers.Layer):
             return _fused.double_conv(self, inputs, training=bool(training))
         if _fused.use_torch_eager(self, inputs):
             return _fused.torch_double_conv(self, inputs, training=bool(training))
+        if _fused.use_tensorflow_ops(self, inputs):
+            return _fused.tensorflow_double_conv(self, inputs, training=bool(training))
         return self.call_sublayers(inputs, training)
 
     def call_sublayers(self, inputs, training=None):

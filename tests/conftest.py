@@ -75,3 +75,44 @@ def make_unet():
         return kunet.UNet(**kwargs)
 
     return make
+
+
+# |fast path - Keras sublayers| <= atol + rtol * max|sublayers|, per compute dtype
+PATH_TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (2e-3, 2e-3)}
+
+
+@pytest.fixture
+def assert_close():
+    """``assert_close(got, want, dtype="float32")``: a backend's own DoubleConv path vs the sublayers."""
+
+    def close(got, want, dtype="float32"):
+        atol, rtol = PATH_TOLERANCES[dtype]
+        bound = atol + rtol * float(np.abs(want).max())
+        assert np.abs(got - want).max() <= bound, (np.abs(got - want).max(), bound)
+
+    return close
+
+
+@pytest.fixture
+def double_conv_twins():
+    """``double_conv_twins(cin, cout, ...)``: two identical DoubleConvs with non-trivial BN
+    parameters and moving statistics (one to run on a backend's own path, one on the sublayers)."""
+    from kunet.layers import DoubleConv
+
+    def twins(cin, cout, batch_norm=True, seed=0, bn_momentum=0.99):
+        rng = np.random.default_rng(seed)
+        a, b = (DoubleConv(cout, batch_norm=batch_norm, bn_momentum=bn_momentum) for _ in range(2))
+        a.build((None, None, None, cin))
+        b.build((None, None, None, cin))
+        weights = []
+        for w in a.get_weights():
+            if w.ndim == 1:  # gamma, beta, moving mean/variance, conv bias
+                w = rng.uniform(0.5, 1.5, w.shape) if w.min() >= 1 else rng.normal(0, 0.3, w.shape)
+            else:
+                w = rng.normal(0, 0.3, w.shape)
+            weights.append(w.astype("float32"))
+        a.set_weights(weights)
+        b.set_weights(weights)
+        return a, b
+
+    return twins

@@ -10,30 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from kunet.layers import DoubleConv
-
 pytestmark = pytest.mark.torch
-
-# |eager - sublayers| <= atol + rtol * max|sublayers|, per compute dtype
-TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (2e-3, 2e-3)}
-
-
-def _twins(cin, cout, batch_norm=True, seed=0, bn_momentum=0.99):
-    """Two identical DoubleConvs with non-trivial BN parameters and moving statistics."""
-    rng = np.random.default_rng(seed)
-    a, b = (DoubleConv(cout, batch_norm=batch_norm, bn_momentum=bn_momentum) for _ in range(2))
-    a.build((None, None, None, cin))
-    b.build((None, None, None, cin))
-    weights = []
-    for w in a.get_weights():
-        if w.ndim == 1:  # gamma, beta, moving mean/variance, conv bias
-            w = rng.uniform(0.5, 1.5, w.shape) if w.min() >= 1 else rng.normal(0, 0.3, w.shape)
-        else:
-            w = rng.normal(0, 0.3, w.shape)
-        weights.append(w.astype("float32"))
-    a.set_weights(weights)
-    b.set_weights(weights)
-    return a, b
 
 
 def _run(layer, x, training, sublayers):
@@ -51,77 +28,73 @@ def _run(layer, x, training, sublayers):
     )
 
 
-def _close(got, want, dtype="float32"):
-    atol, rtol = TOLERANCES[dtype]
-    bound = atol + rtol * float(np.abs(want).max())
-    assert np.abs(got - want).max() <= bound, (np.abs(got - want).max(), bound)
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("cin, cout, h, w", [(1, 8, 7, 9), (3, 16, 13, 5), (16, 8, 8, 8)])
-def test_eager_matches_sublayers(cin, cout, h, w, training):
-    eager, ref = _twins(cin, cout)
+def test_eager_matches_sublayers(cin, cout, h, w, training, double_conv_twins, assert_close):
+    eager, ref = double_conv_twins(cin, cout)
     x = np.random.default_rng(1).normal(size=(2, h, w, cin)).astype("float32")
     got, want = _run(eager, x, training, False), _run(ref, x, training, True)
-    _close(got[0], want[0])
+    assert_close(got[0], want[0])
     for g, r in zip(got[1], want[1], strict=True):
-        _close(g, r)
+        assert_close(g, r)
     for g, r in zip(got[2], want[2], strict=True):  # moving statistics
-        _close(g, r)
+        assert_close(g, r)
     if training:
-        assert not np.allclose(got[2][0], _twins(cin, cout)[0].non_trainable_variables[0])
+        assert not np.allclose(
+            got[2][0], double_conv_twins(cin, cout)[0].non_trainable_variables[0]
+        )
 
 
-def test_moving_statistics_are_the_biased_batch_statistics():
+def test_moving_statistics_are_the_biased_batch_statistics(double_conv_twins):
     """With momentum 0 the moving statistics are the batch's own: compared tightly."""
-    eager, ref = _twins(3, 8, bn_momentum=0.0)
+    eager, ref = double_conv_twins(3, 8, bn_momentum=0.0)
     x = (3 * np.random.default_rng(5).normal(size=(2, 6, 5, 3)) + 1).astype("float32")
     got, want = _run(eager, x, True, False), _run(ref, x, True, True)
     for g, r in zip(got[2], want[2], strict=True):
         np.testing.assert_allclose(g, r, rtol=2e-6, atol=1e-6)
 
 
-def test_eager_path_is_taken():
+def test_eager_path_is_taken(double_conv_twins):
     import torch
 
     from kunet import _fused
 
-    layer, _ = _twins(3, 4)
+    layer, _ = double_conv_twins(3, 4)
     assert _fused.use_torch_eager(layer, torch.zeros(1, 4, 4, 3))
     assert not _fused.use_torch_eager(layer, keras.KerasTensor((1, 4, 4, 3)))
 
 
-def test_without_batch_norm():
-    eager, ref = _twins(3, 8, batch_norm=False)
+def test_without_batch_norm(double_conv_twins, assert_close):
+    eager, ref = double_conv_twins(3, 8, batch_norm=False)
     x = np.random.default_rng(2).normal(size=(1, 6, 7, 3)).astype("float32")
     got, want = _run(eager, x, True, False), _run(ref, x, True, True)
-    _close(got[0], want[0])
+    assert_close(got[0], want[0])
     for g, r in zip(got[1], want[1], strict=True):
-        _close(g, r)
+        assert_close(g, r)
 
 
-def test_frozen_batch_norm_runs_in_inference_mode():
-    eager, ref = _twins(3, 8)
+def test_frozen_batch_norm_runs_in_inference_mode(double_conv_twins, assert_close):
+    eager, ref = double_conv_twins(3, 8)
     for layer in (eager, ref):
         layer.bn1.trainable = layer.bn2.trainable = False
     x = np.random.default_rng(3).normal(size=(2, 5, 5, 3)).astype("float32")
     got, want = _run(eager, x, True, False), _run(ref, x, True, True)
-    _close(got[0], want[0])
+    assert_close(got[0], want[0])
     for g, r in zip(got[2], want[2], strict=True):
         np.testing.assert_array_equal(g, r)  # moving statistics untouched
 
 
-def test_mixed_precision():
+def test_mixed_precision(double_conv_twins, assert_close):
     keras.config.set_dtype_policy("mixed_float16")
-    eager, ref = _twins(3, 8)
+    eager, ref = double_conv_twins(3, 8)
     x = np.random.default_rng(4).normal(size=(2, 9, 7, 3)).astype("float32")
     got, want = _run(eager, x, True, False), _run(ref, x, True, True)
     assert got[0].dtype == np.float32  # compared in float32; the layer returned float16
-    _close(got[0], want[0], "float16")
+    assert_close(got[0], want[0], "float16")
     for g, r in zip(got[1], want[1], strict=True):
-        _close(g, r, "float16")
+        assert_close(g, r, "float16")
     for g, r in zip(got[2], want[2], strict=True):
-        _close(g, r, "float16")
+        assert_close(g, r, "float16")
 
 
 @pytest.mark.parametrize(
@@ -154,7 +127,7 @@ def test_mixed_precision():
     ],
 )
 @pytest.mark.parametrize("dtype_policy", ["float32", "mixed_float16"])
-def test_convolutions_match_keras_layers(kind, kwargs, shape, dtype_policy):
+def test_convolutions_match_keras_layers(kind, kwargs, shape, dtype_policy, assert_close):
     """kunet.layers.Conv2D / Conv2DTranspose == Keras' layers: outputs and all gradients."""
     import torch
 
@@ -184,9 +157,9 @@ def test_convolutions_match_keras_layers(kind, kwargs, shape, dtype_policy):
     assert tuple(got.shape) == tuple(want.shape) == tuple(ours.compute_output_shape(shape))
     assert got.dtype == want.dtype
     tol = "float16" if dtype_policy == "mixed_float16" else "float32"
-    _close(got.detach().float().numpy(), want.detach().float().numpy(), tol)
+    assert_close(got.detach().float().numpy(), want.detach().float().numpy(), tol)
     for g, r in zip(got_grads, want_grads, strict=True):
-        _close(g.float().numpy(), r.float().numpy(), tol)
+        assert_close(g.float().numpy(), r.float().numpy(), tol)
 
 
 def test_convolutions_take_the_channels_last_path(monkeypatch):
