@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
+import numpy as np
 
 from kunet import _fused, _validation, blocks
 from kunet.layers import CropLike, PadToMultiple
@@ -229,15 +232,76 @@ class UNet(keras.Model):
                 self._check(validation_data[0], validation_data[1], where="validation_data")
             else:
                 self._check(validation_data, where="validation_data")
-        return super().fit(x, y, *args, **kwargs)
+        return self._run("fit", x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         self._check(x, y)
-        return super().evaluate(x, y, *args, **kwargs)
+        return self._run("evaluate", x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         self._check(x)
-        return super().predict(x, *args, **kwargs)
+        return self._run("predict", x, *args, **kwargs)
+
+    def _run(self, method, *args, **kwargs):
+        """Keras' ``fit`` / ``evaluate`` / ``predict``; on TensorFlow, NumPy arrays are fed through
+        :func:`kunet.kernels.tensorflow_data.array_dataset` (tf.data without autotuning threads that
+        compete with the step on small machines), where the arguments allow it."""
+        run = getattr(super(), method)
+        if keras.backend.backend() == "tensorflow":
+            bound = inspect.signature(run).bind(*args, **kwargs)
+            if _feed_arrays_as_dataset(method, bound.arguments):
+                return run(*bound.args, **bound.kwargs)
+        return run(*args, **kwargs)
+
+
+def _arrays(*values):
+    """The values when all are NumPy arrays of one non-zero length (None entries are dropped)."""
+    arrays = tuple(v for v in values if v is not None)
+    if not arrays or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in arrays):
+        return None
+    if len({len(a) for a in arrays}) != 1 or len(arrays[0]) == 0:
+        return None
+    return arrays
+
+
+def _feed_arrays_as_dataset(method, args) -> bool:
+    """Replace array ``x`` / ``y`` / ``sample_weight`` (and ``validation_data``) in Keras' bound
+    ``args`` by the equivalent ``tf.data`` pipeline. False, and nothing changed, where Keras' own
+    array handling is needed (``validation_split``, ``class_weight``, ``steps``, ``shuffle="batch"``,
+    non-array inputs)."""
+    from kunet.kernels import tensorflow_data  # lazy: tensorflow only
+
+    get = args.get
+    if (get("kwargs") or {}).get("_use_cached_eval_dataset"):
+        return False  # fit's own validation pass: Keras reuses the iterator it built
+    if method == "predict":
+        arrays = _arrays(get("x"))
+        shuffle = False
+    else:
+        if get("y") is None:
+            return False
+        arrays = _arrays(get("x"), get("y"), get("sample_weight"))
+        shuffle = get("shuffle", True) if method == "fit" else False
+    if arrays is None or shuffle not in (True, False):
+        return False
+    if any(get(k) for k in ("steps", "steps_per_epoch", "validation_split", "class_weight")):
+        return False
+    batch_size = get("batch_size") or 32
+    validation = get("validation_data")
+    if validation is not None:
+        val_arrays = _arrays(*validation) if isinstance(validation, (tuple, list)) else None
+        if val_arrays is None or len(val_arrays) < 2 or get("validation_steps"):
+            return False
+        val_batch = get("validation_batch_size") or batch_size
+        args["validation_data"] = tensorflow_data.array_dataset(val_arrays, val_batch)
+        args["validation_batch_size"] = None
+    args["x"] = tensorflow_data.array_dataset(arrays, batch_size, shuffle=shuffle)
+    for key in ("y", "sample_weight", "batch_size"):
+        if key in args:
+            args[key] = None
+    if method == "fit":
+        args["shuffle"] = False  # the pipeline shuffles; Keras would warn about a dataset
+    return True
 
 
 def _portable_optimizer_config(config):
