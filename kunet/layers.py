@@ -225,12 +225,19 @@ class MaxPool2x(keras.layers.Layer):
     """2x2 max-pooling with stride 2 (``keras.layers.MaxPooling2D(2)``, no variables).
 
     On the torch backend it pools a channels_last view directly (``F.max_pool2d``), where Keras'
-    own layer copies the tensor to NCHW and back; elsewhere it is Keras' ``ops.max_pool``.
+    own layer copies the tensor to NCHW and back; on JAX it is a max over a reshape (a faster
+    backward on XLA:CPU); on TensorFlow it is Keras' ``ops.max_pool``.
     """
 
     def call(self, inputs):
         if _fused.use_torch_eager(None, inputs):
             return _fused.torch_max_pool2x(inputs)
+        if keras.backend.backend() == "jax" and not _fused._is_symbolic(inputs):
+            # max over a (2, 2) reshape: XLA:CPU's reduce-window backward (select-and-scatter)
+            # took 2-7x longer than the reduction's at the UNet's shapes.
+            n, h, w, c = ops.shape(inputs)
+            x = inputs[:, : h // 2 * 2, : w // 2 * 2, :]
+            return ops.max(ops.reshape(x, (n, h // 2, 2, w // 2, 2, c)), axis=(2, 4))
         return ops.max_pool(inputs, pool_size=2, strides=2, padding="valid")
 
     def compute_output_shape(self, input_shape):
@@ -272,21 +279,47 @@ class Conv2D(keras.layers.Conv2D):
 
 @keras.saving.register_keras_serializable(_PACKAGE)
 class Conv2DTranspose(keras.layers.Conv2DTranspose):
-    """``keras.layers.Conv2DTranspose`` (same arguments, variables and config), channels_last on torch.
+    """``keras.layers.Conv2DTranspose`` (same arguments, variables and config), faster where measured.
 
-    On the torch backend, a kernel equal to its strides (the UNet's 2x2 stride-2 up-convolution) with
-    ``"valid"`` padding runs as ``F.conv_transpose2d`` on a channels_last view of the NHWC tensor;
-    anything else is Keras' layer.
+    A kernel equal to its strides (the UNet's 2x2 stride-2 up-convolution) with ``"valid"`` padding
+    maps every input pixel to its own output block, so it is a matrix product and a depth-to-space
+    reshape:
+
+    * on torch it runs as ``F.conv_transpose2d`` on a channels_last view of the NHWC tensor (Keras'
+      own layer copies the tensor to NCHW and back);
+    * on JAX it runs as that matrix product (``ops.einsum``): XLA:CPU lowers Keras' transposed
+      convolution to an input-dilated convolution whose backward pass took 40-110 ms per layer at
+      batch 8 where the product takes 2-5 ms (benchmarks/README.md).
+
+    Anything else, and TensorFlow, is Keras' layer.
     """
 
-    def call(self, inputs):
-        if (
-            _fused.use_torch_eager(None, inputs)
-            and _plain_conv(self)
+    def _block_transpose(self) -> bool:
+        return (
+            _plain_conv(self)
             and tuple(self.kernel_size) == tuple(self.strides)
             and self.padding == "valid"
             and self.output_padding is None
-        ):
+        )
+
+    def call(self, inputs):
+        if not self._block_transpose():
+            return super().call(inputs)
+        if _fused.use_torch_eager(None, inputs):
             outputs = _fused.torch_conv_transpose2d(self, inputs)
-            return outputs if self.activation is None else self.activation(outputs)
-        return super().call(inputs)
+        elif keras.backend.backend() == "jax" and not _fused._is_symbolic(inputs):
+            outputs = self._matmul_transpose(inputs)
+        else:
+            return super().call(inputs)
+        return outputs if self.activation is None else self.activation(outputs)
+
+    def _matmul_transpose(self, inputs):
+        """``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])``."""
+        n, h, w, _ = ops.shape(inputs)
+        sh, sw = self.strides
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        outputs = ops.einsum("nijc,aboc->niajbo", inputs, kernel)
+        outputs = ops.reshape(outputs, (n, h * sh, w * sw, self.filters))
+        if self.use_bias:
+            outputs = outputs + ops.cast(self.bias, inputs.dtype)
+        return outputs

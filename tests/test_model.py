@@ -185,3 +185,47 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, words):
         kunet.UNet(**kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize(
+    "ours, keras_layer, shape",
+    [
+        ("pool", keras.layers.MaxPooling2D(2), (2, 7, 9, 3)),
+        ("transpose", keras.layers.Conv2DTranspose(5, 2, strides=2), (2, 3, 4, 6)),
+        (
+            "transpose",
+            keras.layers.Conv2DTranspose(2, 3, strides=3, activation="relu"),
+            (1, 2, 3, 4),
+        ),
+    ],
+)
+def test_jax_paths_match_keras_with_gradients(ours, keras_layer, shape):
+    """On JAX, MaxPool2x (max over a reshape) and Conv2DTranspose (a matrix product) == Keras'
+    layers: outputs and gradients of the input and every weight."""
+    import jax
+
+    from kunet.layers import Conv2DTranspose
+
+    layer = MaxPool2x() if ours == "pool" else Conv2DTranspose.from_config(keras_layer.get_config())
+    layer.build(shape)
+    keras_layer.build(shape)
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in keras_layer.get_weights()]
+    layer.set_weights(weights)
+    keras_layer.set_weights(weights)
+    x = rng.normal(size=shape).astype("float32")
+
+    def value_and_grads(lyr):
+        def loss(x, trainable):
+            out, _ = lyr.stateless_call(trainable, [], x)
+            return (out * np.linspace(-1, 1, out.size).reshape(out.shape)).sum(), out
+
+        trainable = [v.value for v in lyr.trainable_variables]
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, trainable)
+        return out, grads
+
+    (got, got_grads), (want, want_grads) = value_and_grads(layer), value_and_grads(keras_layer)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
