@@ -12,18 +12,22 @@ Policy, most specific first:
 layer uses batch normalization, and the input is a real CUDA tensor (or a CPU tensor while
 ``TRITON_INTERPRET=1`` is set, which is how the CPU test-suite exercises the kernels). Otherwise it
 falls back to the plain layers silently. ``True`` raises a :class:`FusedUnavailableError` that says why
-when the fused path cannot run. JAX and TensorFlow always take the plain path (XLA fuses BN + ReLU on
-its own).
+when the fused path cannot run. JAX and TensorFlow never take the Triton path.
 
 Symbolic tracing (building a functional model: torch "meta" tensors, Keras tensors) always takes the
 plain path: both paths produce the same shapes and the same variables.
 
-On the torch backend, a DoubleConv that does not take the fused path runs through PyTorch's own eager
-ops (``kunet.kernels.torch_eager``: conv2d + fused batch norm on a channels_last view, same math and
-variables as the Keras sublayers, without Keras' per-layer layout copies). Everywhere else, and while
-tracing symbolically, the Keras sublayers run.
+The plain path is the backend's own fast ops where kunet has them, with the same math and variables
+as the Keras sublayers:
 
-Nothing here imports torch or triton at module import time.
+* torch: ``kunet.kernels.torch_eager`` (conv2d + fused batch norm on a channels_last view, without
+  Keras' per-layer layout copies; BN folded into the convolutions for inference);
+* TensorFlow: ``kunet.kernels.tensorflow_ops`` (``FusedBatchNormV3`` in training, BN folded into the
+  convolutions for inference);
+* JAX, and everywhere while tracing symbolically: the Keras sublayers (XLA fuses BN + ReLU).
+
+This module is the backend dispatch: nothing here imports torch, TensorFlow or Triton at module
+import time; the ``kunet.kernels`` modules that do are imported on first use.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def unavailable_reason(x, *, batch_norm: bool = True) -> str | None:
     if backend != "torch":
         return (
             f"the fused DoubleConv runs on the torch backend only; KERAS_BACKEND is {backend!r} "
-            "(JAX and TensorFlow take the plain path, where XLA fuses BN+ReLU)"
+            "(JAX and TensorFlow take their own plain path)"
         )
     if not batch_norm:
         return "the fused DoubleConv fuses Conv-BatchNorm-ReLU; this layer has batch_norm=False"

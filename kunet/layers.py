@@ -3,6 +3,10 @@
 ``DoubleConv`` is the UNet's workhorse (Conv3x3 -> BN -> ReLU, twice). Its variables are exactly those of
 its plain ``Conv2D`` and ``BatchNormalization`` sublayers, whichever path (plain or fused Triton) runs it,
 so checkpoints move freely between the two paths and between backends.
+
+``Conv2D`` and ``Conv2DTranspose`` are Keras' layers (same arguments, variables and configs) and
+``MaxPool2x`` is ``MaxPooling2D(2)``, with faster paths on the backends where Keras' own ones were measured slow (layout copies on
+torch, XLA:CPU's transposed-convolution and pooling backward passes on JAX); see ``benchmarks/``.
 """
 
 from __future__ import annotations
