@@ -83,9 +83,15 @@ PATH_TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (2e-3, 2e-3)}
 
 @pytest.fixture
 def assert_close():
-    """``assert_close(got, want, dtype="float32")``: a backend's own DoubleConv path vs the sublayers."""
+    """``assert_close(got, want, dtype="float32")``: a backend's own DoubleConv path vs the sublayers
+    (arrays, or nested lists/tuples of arrays compared pairwise)."""
 
     def close(got, want, dtype="float32"):
+        if isinstance(want, (list, tuple)):  # (outputs, gradients, moving statistics), nested
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                close(g, w, dtype)
+            return
         atol, rtol = PATH_TOLERANCES[dtype]
         bound = atol + rtol * float(np.abs(want).max())
         assert np.abs(got - want).max() <= bound, (np.abs(got - want).max(), bound)
