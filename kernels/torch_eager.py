@@ -19,6 +19,9 @@ Keras sublayers is tested in ``tests/test_torch_eager.py``.
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +69,36 @@ def _weight(conv, dtype):
     )
 
 
+# Inference weights prepared from the variables (layout, BN folding), per layer, while gradients are
+# off: re-laying out and folding every kernel on every call cost ~4 ms per UNet forward, independent of
+# the batch, where the reference keeps its weights in channels_last once. An entry is valid while the
+# variables hold the same tensors at the same version (Keras assigns in place, which bumps it).
+_prepared = weakref.WeakKeyDictionary()
+
+
+def _prepare(layer, tensors, dtype, make):
+    """``make()``, cached on ``layer`` while gradients are off and ``tensors`` are unchanged."""
+    if torch.is_grad_enabled():
+        return make()
+    stamp = (dtype,) + tuple((t, t._version) for t in tensors if t is not None)
+    entry = _prepared.get(layer)
+    if entry is not None and _same_stamp(entry[0], stamp):
+        return entry[1]
+    value = make()
+    _prepared[layer] = (stamp, value)
+    return value
+
+
+def _same_stamp(a, b):
+    if len(a) != len(b) or a[0] != b[0]:
+        return False
+    return all(x is y and vx == vy for (x, vx), (y, vy) in zip(a[1:], b[1:], strict=True))
+
+
+def _bias(conv, dtype):
+    return conv.bias.value.to(dtype) if conv.use_bias else None
+
+
 def _folded(conv, bn, dtype):
     """Weight and bias of ``conv`` followed by an inference-mode ``bn``, as one convolution.
 
@@ -82,6 +115,34 @@ def _folded(conv, bn, dtype):
     return weight.contiguous(memory_format=torch.channels_last), shift.to(dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def _conv_relu_op():
+    """oneDNN's convolution with the ReLU fused in (the op torch.compile's CPU backend emits), or None.
+
+    A private op of PyTorch's CPU build, without autograd: used only with gradients off, and looked up
+    defensively so that a PyTorch without it falls back to conv2d + ReLU.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _conv_relu(y, weight, bias):
+    """``relu(conv2d(y, weight, bias, padding=1))`` for a 3x3 kernel; one oneDNN call where it can."""
+    op = _conv_relu_op()
+    if (
+        op is not None
+        and y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    ):
+        return op(y, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+    return torch.relu_(F.conv2d(y, weight, bias, padding=1))
+
+
 def nchw_view(x):
     """The NCHW view of an NHWC tensor, in channels_last memory (no copy when ``x`` is contiguous)."""
     return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -90,27 +151,38 @@ def nchw_view(x):
 def double_conv_forward(layer, x, training: bool):
     """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x``.
 
-    Batch norm in inference mode (``training=False``, or a frozen BN) is folded into the convolution.
+    Batch norm in inference mode (``training=False``, or a frozen BN) is folded into the convolution,
+    and with gradients off the ReLU is fused into it too (one oneDNN call per convolution).
     """
     # A tensor Keras left in NCHW memory is converted once here; anything from this module is not.
     y = nchw_view(x)
     for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
-        if bn is not None and not (training and bn.trainable):
-            weight, bias = _folded(conv, bn, y.dtype)
-            y = F.conv2d(y, weight, bias, padding=1)
+        if bn is not None and training and bn.trainable:
+            y = F.conv2d(y, _weight(conv, y.dtype), _bias(conv, y.dtype), padding=1)
+            # in place: neither batch norm's nor conv's backward needs this tensor
+            y = torch.relu_(_batch_norm(bn, y))
         else:
-            bias = conv.bias.value.to(y.dtype) if conv.use_bias else None
-            y = F.conv2d(y, _weight(conv, y.dtype), bias, padding=1)
-            if bn is not None:
-                y = _batch_norm(bn, y)
-        y = torch.relu_(y)  # in place: neither batch norm's nor conv's backward needs this tensor
+            y = _conv_relu(y, *_inference_weights(conv, bn, y.dtype))
     return y.permute(0, 2, 3, 1)
+
+
+def _inference_weights(conv, bn, dtype):
+    """(weight, bias) of ``conv`` (with ``bn`` folded in, if any) for inference, cached."""
+    tensors = [conv.kernel.value, conv.bias.value if conv.use_bias else None]
+    if bn is None:
+        return _prepare(conv, tensors, dtype, lambda: (_weight(conv, dtype), _bias(conv, dtype)))
+    tensors += [v.value for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)]
+    return _prepare(conv, tensors, dtype, lambda: _folded(conv, bn, dtype))
+
+
+def _layer_weights(layer, dtype, make_weight):
+    tensors = [layer.kernel.value, layer.bias.value if layer.use_bias else None]
+    return _prepare(layer, tensors, dtype, lambda: (make_weight(), _bias(layer, dtype)))
 
 
 def conv2d(layer, x):
     """``keras.layers.Conv2D`` ``layer`` (stride 1, "valid" or odd-kernel "same") on NHWC ``x``."""
-    weight = _weight(layer, x.dtype)
-    bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
+    weight, bias = _layer_weights(layer, x.dtype, lambda: _weight(layer, x.dtype))
     padding = tuple(k // 2 for k in layer.kernel_size) if layer.padding == "same" else 0
     y = F.conv2d(nchw_view(x), weight, bias, padding=padding)
     return y.permute(0, 2, 3, 1)
@@ -118,10 +190,13 @@ def conv2d(layer, x):
 
 def conv_transpose2d(layer, x):
     """``keras.layers.Conv2DTranspose`` ``layer`` with kernel == strides, "valid", on NHWC ``x``."""
-    # Keras' transposed kernel is (kh, kw, out, in); torch's is (in, out, kh, kw).
-    weight = layer.kernel.value.to(x.dtype).permute(3, 2, 0, 1)
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
+
+    def make_weight():
+        # Keras' transposed kernel is (kh, kw, out, in); torch's is (in, out, kh, kw).
+        weight = layer.kernel.value.to(x.dtype).permute(3, 2, 0, 1)
+        return weight.contiguous(memory_format=torch.channels_last)
+
+    weight, bias = _layer_weights(layer, x.dtype, make_weight)
     y = F.conv_transpose2d(nchw_view(x), weight, bias, stride=layer.strides)
     return y.permute(0, 2, 3, 1)
 
