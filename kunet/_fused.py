@@ -197,6 +197,11 @@ def torch_conv_transpose2d(layer, x):
     return torch_eager.conv_transpose2d(layer, x)
 
 
+def use_jax_ops(x) -> bool:
+    """Whether a layer's JAX-specific formulation applies here (JAX backend, a real array)."""
+    return keras.backend.backend() == "jax" and not _is_symbolic(x)
+
+
 def use_tensorflow_ops(layer, x) -> bool:
     """Whether DoubleConv ``layer`` may run through TensorFlow's fused ops here (TF backend)."""
     if keras.backend.backend() != "tensorflow" or _is_symbolic(x):

@@ -5,8 +5,9 @@ its plain ``Conv2D`` and ``BatchNormalization`` sublayers, whichever path (plain
 so checkpoints move freely between the two paths and between backends.
 
 ``Conv2D`` and ``Conv2DTranspose`` are Keras' layers (same arguments, variables and configs) and
-``MaxPool2x`` is ``MaxPooling2D(2)``, with faster paths on the backends where Keras' own ones were measured slow (layout copies on
-torch, XLA:CPU's transposed-convolution and pooling backward passes on JAX); see ``benchmarks/``.
+``MaxPool2x`` is ``MaxPooling2D(2)``, with faster paths on the backends where Keras' own ones were
+measured slow (layout copies on torch, XLA:CPU's transposed-convolution and pooling backward passes
+on JAX); see ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ class MaxPool2x(keras.layers.Layer):
     def call(self, inputs):
         if _fused.use_torch_eager(None, inputs):
             return _fused.torch_max_pool2x(inputs)
-        if keras.backend.backend() == "jax" and not _fused._is_symbolic(inputs):
+        if _fused.use_jax_ops(inputs):
             # max over a (2, 2) reshape: XLA:CPU's reduce-window backward (select-and-scatter)
             # took 2-7x longer than the reduction's at the UNet's shapes.
             n, h, w, c = ops.shape(inputs)
@@ -311,7 +312,7 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
             return super().call(inputs)
         if _fused.use_torch_eager(None, inputs):
             outputs = _fused.torch_conv_transpose2d(self, inputs)
-        elif keras.backend.backend() == "jax" and not _fused._is_symbolic(inputs):
+        elif _fused.use_jax_ops(inputs):
             outputs = self._matmul_transpose(inputs)
         else:
             return super().call(inputs)

@@ -229,3 +229,24 @@ def test_jax_paths_match_keras_with_gradients(ours, keras_layer, shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.jax
+def test_jax_unet_uses_no_dilated_convolution_or_reduce_window(make_unet):
+    """The UNet's up-convolutions and pools take the JAX formulations (XLA:CPU's slow lowerings of
+    Keras' layers are input-dilated convolutions and reduce-window max / select-and-scatter)."""
+    import jax
+
+    model = make_unet(input_shape=(16, 16, 1))
+    x = np.zeros((1, 16, 16, 1), "float32")
+
+    def loss(trainable):
+        out, _ = model.stateless_call(
+            trainable, [v.value for v in model.non_trainable_variables], x
+        )
+        return out.sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))([v.value for v in model.trainable_variables]))
+    assert "conv_general_dilated" in jaxpr  # the 3x3 convolutions
+    assert "lhs_dilation=(2, 2)" not in jaxpr
+    assert "reduce_window" not in jaxpr and "select_and_scatter" not in jaxpr
