@@ -130,14 +130,21 @@ def _conv_relu_op():
         return None
 
 
+# Output elements from which the fused conv+ReLU pays off: it saves a pass over large activations
+# (batch 8 at 128x128: 2.2 vs 2.4 ms) but has a higher fixed cost per call (a 1x16x16x16 conv: 0.06
+# vs 0.03 ms); from 2**20 elements (batch 8 at 64x64x32) the two were equal.
+_FUSE_RELU_FROM = 1 << 20
+
+
 def _conv_relu(y, weight, bias):
-    """``relu(conv2d(y, weight, bias, padding=1))`` for a 3x3 kernel; one oneDNN call where it can."""
+    """``relu(conv2d(y, weight, bias, padding=1))`` for a 3x3 kernel; one oneDNN call where it pays."""
     op = _conv_relu_op()
     if (
         op is not None
         and y.device.type == "cpu"
         and y.dtype == torch.float32
         and not torch.is_grad_enabled()
+        and y.shape[0] * weight.shape[0] * y.shape[2] * y.shape[3] >= _FUSE_RELU_FROM
     ):
         return op(y, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
     return torch.relu_(F.conv2d(y, weight, bias, padding=1))
