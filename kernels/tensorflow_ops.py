@@ -21,18 +21,6 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def supports(layer) -> bool:
-    """False for BatchNormalization options this path does not implement (then use the sublayers)."""
-    for bn in (layer.bn1, layer.bn2):
-        if bn is None:
-            continue
-        if not bn.center or not bn.scale or getattr(bn, "renorm", False):
-            return False
-        if getattr(bn, "synchronized", False):
-            return False
-    return True
-
-
 def _batch_norm(bn, y):
     """Training-mode batch norm with batch statistics; updates ``bn``'s moving statistics."""
     gamma = tf.cast(bn.gamma.value, tf.float32)

@@ -26,14 +26,6 @@ import torch
 import torch.nn.functional as F
 
 
-def supports(layer) -> bool:
-    """False for BatchNormalization options this path does not implement (then use the sublayers)."""
-    for bn in (layer.bn1, layer.bn2):
-        if bn is not None and (not bn.center or not bn.scale or getattr(bn, "renorm", False)):
-            return False
-    return True
-
-
 def update_moving_statistics(bn, mean, var):
     """``keras.layers.BatchNormalization``'s update of the moving statistics (float32)."""
     momentum = bn.momentum
@@ -175,9 +167,9 @@ def double_conv_forward(layer, x, training: bool):
 
 def _inference_weights(conv, bn, dtype):
     """(weight, bias) of ``conv`` (with ``bn`` folded in, if any) for inference, cached."""
-    tensors = [conv.kernel.value, conv.bias.value if conv.use_bias else None]
     if bn is None:
-        return _prepare(conv, tensors, dtype, lambda: (_weight(conv, dtype), _bias(conv, dtype)))
+        return _layer_weights(conv, dtype, lambda: _weight(conv, dtype))
+    tensors = [conv.kernel.value, conv.bias.value if conv.use_bias else None]
     tensors += [v.value for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)]
     return _prepare(conv, tensors, dtype, lambda: _folded(conv, bn, dtype))
 

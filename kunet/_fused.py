@@ -162,11 +162,20 @@ def use_torch_eager(layer, x) -> bool:
     """
     if keras.backend.backend() != "torch" or _is_symbolic(x):
         return False
-    if layer is None:
-        return True
-    from kunet.kernels import torch_eager  # lazy: torch only, no triton
+    return layer is None or _plain_batch_norms(layer)
 
-    return torch_eager.supports(layer)
+
+def _plain_batch_norms(layer) -> bool:
+    """False for BatchNormalization options the backends' own DoubleConv paths do not implement
+    (no center/scale, renorm, cross-replica synchronization): then the Keras sublayers run."""
+    for bn in (layer.bn1, layer.bn2):
+        if bn is None:
+            continue
+        if not bn.center or not bn.scale or getattr(bn, "renorm", False):
+            return False
+        if getattr(bn, "synchronized", False):
+            return False
+    return True
 
 
 def torch_double_conv(layer, x, training: bool):
@@ -204,11 +213,11 @@ def use_jax_ops(x) -> bool:
 
 def use_tensorflow_ops(layer, x) -> bool:
     """Whether DoubleConv ``layer`` may run through TensorFlow's fused ops here (TF backend)."""
-    if keras.backend.backend() != "tensorflow" or _is_symbolic(x):
-        return False
-    from kunet.kernels import tensorflow_ops  # lazy: tensorflow only
-
-    return tensorflow_ops.supports(layer)
+    return (
+        keras.backend.backend() == "tensorflow"
+        and not _is_symbolic(x)
+        and _plain_batch_norms(layer)
+    )
 
 
 def tensorflow_double_conv(layer, x, training: bool):

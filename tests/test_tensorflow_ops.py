@@ -70,6 +70,10 @@ def test_tensorflow_path_is_taken(monkeypatch, double_conv_twins):
     layer, _ = double_conv_twins(3, 4)
     assert _fused.use_tensorflow_ops(layer, tf.zeros((1, 4, 4, 3)))
     assert not _fused.use_tensorflow_ops(layer, keras.KerasTensor((1, 4, 4, 3)))
+    for option in ("center", "scale", "synchronized"):  # BN options the path does not implement
+        other, _ = double_conv_twins(3, 4)
+        setattr(other.bn2, option, option == "synchronized")
+        assert not _fused.use_tensorflow_ops(other, tf.zeros((1, 4, 4, 3)))
     calls = []
     original = _fused.tensorflow_double_conv
     monkeypatch.setattr(

@@ -58,6 +58,10 @@ def test_eager_path_is_taken(double_conv_twins):
     layer, _ = double_conv_twins(3, 4)
     assert _fused.use_torch_eager(layer, torch.zeros(1, 4, 4, 3))
     assert not _fused.use_torch_eager(layer, keras.KerasTensor((1, 4, 4, 3)))
+    for option in ("center", "scale", "synchronized"):  # BN options the path does not implement
+        other, _ = double_conv_twins(3, 4)
+        setattr(other.bn2, option, option == "synchronized")
+        assert not _fused.use_torch_eager(other, torch.zeros(1, 4, 4, 3))
 
 
 def test_without_batch_norm(double_conv_twins, assert_close):
