@@ -100,6 +100,31 @@ def assert_close():
 
 
 @pytest.fixture
+def assert_as_accurate():
+    """``assert_as_accurate(got, keras_path, truth)``: under mixed precision a backend's own path is
+    as accurate as the Keras sublayers, both measured against the same layer run in float32.
+
+    Two float16 computations that round in different places (BN folded into a float16 kernel, say)
+    differ from each other by about as much as each differs from float32: up to ~1e-2 of a gradient's
+    largest value for Keras' own path. So per tensor: max|got - truth| <= 2 * max|keras - truth| plus
+    2e-3 of max|truth| (about two float16 steps). A wrong formula is off by far more.
+    """
+
+    def check(got, keras_path, truth):
+        if isinstance(truth, (list, tuple)):
+            assert len(got) == len(keras_path) == len(truth)
+            for g, k, t in zip(got, keras_path, truth, strict=True):
+                check(g, k, t)
+            return
+        keras_err = float(np.abs(keras_path - truth).max())
+        bound = 2.0 * keras_err + 2e-3 * float(np.abs(truth).max())
+        err = float(np.abs(got - truth).max())
+        assert err <= bound, f"error vs float32 {err:.3g} > {bound:.3g} (Keras path {keras_err:.3g})"
+
+    return check
+
+
+@pytest.fixture
 def double_conv_twins():
     """``double_conv_twins(cin, cout, ...)``: two identical DoubleConvs with non-trivial BN
     parameters and moving statistics (one to run on a backend's own path, one on the sublayers)."""

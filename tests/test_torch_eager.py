@@ -82,13 +82,15 @@ def test_frozen_batch_norm_runs_in_inference_mode(double_conv_twins, assert_clos
         np.testing.assert_array_equal(g, r)  # moving statistics untouched
 
 
-def test_mixed_precision(double_conv_twins, assert_close):
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_precision(training, double_conv_twins, assert_as_accurate):
+    x = np.random.default_rng(4).normal(size=(2, 9, 7, 3)).astype("float32")
+    truth = _run(double_conv_twins(3, 8)[0], x, training, True)  # float32 sublayers
     keras.config.set_dtype_policy("mixed_float16")
     eager, ref = double_conv_twins(3, 8)
-    x = np.random.default_rng(4).normal(size=(2, 9, 7, 3)).astype("float32")
-    got, want = _run(eager, x, True, False), _run(ref, x, True, True)
+    got, want = _run(eager, x, training, False), _run(ref, x, training, True)
     assert got[0].dtype == np.float32  # compared in float32; the layer returned float16
-    assert_close(got, want, "float16")
+    assert_as_accurate(got, want, truth)
 
 
 @pytest.mark.parametrize(
