@@ -119,7 +119,9 @@ def assert_as_accurate():
         keras_err = float(np.abs(keras_path - truth).max())
         bound = 2.0 * keras_err + 2e-3 * float(np.abs(truth).max())
         err = float(np.abs(got - truth).max())
-        assert err <= bound, f"error vs float32 {err:.3g} > {bound:.3g} (Keras path {keras_err:.3g})"
+        assert err <= bound, (
+            f"error vs float32 {err:.3g} > {bound:.3g} (Keras path {keras_err:.3g})"
+        )
 
     return check
 
