@@ -7,7 +7,7 @@ import inspect
 import keras
 import numpy as np
 
-from kunet import _fused, _validation, blocks
+from kunet import _eager, _fused, _validation, blocks
 from kunet.layers import CropLike, PadToMultiple
 
 
@@ -135,6 +135,20 @@ class UNet(keras.Model):
         self.compile()
 
     # ------------------------------------------------------------------ configuration
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        """The functional graph; torch eager inference replays it without Keras' per-layer
+        ``__call__`` (:class:`kunet._eager.EagerPlan`: same layers, same result, less Python)."""
+        if not training and mask is None and not kwargs and _fused.use_torch_eager(None, inputs):
+            plan = self._eager_plan()
+            if plan is not None and keras.ops.is_tensor(inputs):
+                return plan(inputs)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    def _eager_plan(self):
+        if not hasattr(self, "_eager_plan_cache"):
+            self._eager_plan_cache = _eager.EagerPlan.build(self)
+        return self._eager_plan_cache
+
     def get_config(self):
         return {
             "name": self.name,
