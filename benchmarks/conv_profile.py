@@ -129,7 +129,8 @@ def main(argv=None):
         return None
     results = {}
     for framework in FRAMEWORKS:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        # TensorFlow with its oneDNN kernels, as kunet sets them up (kunet/__init__.py)
+        env = {"TF_ENABLE_ONEDNN_OPTS": "1", **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         out = subprocess.run(
             [sys.executable, __file__, "--worker", framework, "--size", str(args.size)]
             + ["--batch", str(args.batch), "--reps", str(args.reps), "--filters"]

@@ -66,10 +66,10 @@ class Reference:
 
 class Kunet:
     def __init__(self, filters, size, batch, channels, jit_compile="auto"):
-        import keras
-        import numpy as np
+        import kunet  # first, as users import it: it sets TensorFlow's oneDNN default
 
-        import kunet
+        import keras  # isort: skip
+        import numpy as np  # isort: skip
 
         keras.utils.set_random_seed(0)
         self.keras = keras

@@ -9,6 +9,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# kunet before Keras, as `import kunet` runs for users: it sets TensorFlow's oneDNN default
+# (TF_ENABLE_ONEDNN_OPTS), which TensorFlow reads when Keras imports it.
+import kunet  # noqa: E402
+
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -67,7 +72,6 @@ def multiclass_data():
 @pytest.fixture
 def make_unet():
     """Factory for tiny UNets (filters (4, 8), 1 input channel unless overridden)."""
-    import kunet
 
     def make(**kwargs):
         kwargs.setdefault("filters", (4, 8))

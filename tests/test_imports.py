@@ -26,3 +26,25 @@ def test_import_kunet_adds_no_framework():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _onednn_setting(preset, first=""):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env.update({"KERAS_BACKEND": keras.backend.backend(), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if preset is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = preset
+    script = f"{first}import os, kunet; print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_kunet_turns_on_tensorflow_onednn_unless_told_otherwise():
+    """TensorFlow's oneDNN kernels (1.15x vs 0.72x the reference's training speed on an AVX2 CPU,
+    where TensorFlow leaves them off) are the default when kunet is imported before TensorFlow."""
+    assert _onednn_setting(None) == "1"
+    assert _onednn_setting("0") == "0"  # the user's choice stands
+    # imported after TensorFlow: too late to matter, so left alone
+    assert _onednn_setting(None, first="import tensorflow; ") == "None"
