@@ -1,10 +1,10 @@
 """Run benchmarks/throughput.py under every Keras backend and write the README's table and chart.
 
-    python benchmarks/run_all.py [--rounds 5] [--steps 6] [--out benchmarks]
+    python benchmarks/run_all.py [--rounds 5] [--steps 12] [--out benchmarks]
 
 Each backend runs in its own process (``KERAS_BACKEND=...``), each against the same PyTorch reference
 UNet, alternating rounds within that process. Writes ``OUT/results.md`` (Markdown table),
-``OUT/results.json`` and ``OUT/throughput.png`` (bar chart; needs matplotlib). Takes about 6 minutes
+``OUT/results.json`` and ``OUT/throughput.png`` (bar chart; needs matplotlib). Takes about 4-5 minutes
 on a 2-core CPU.
 """
 
@@ -33,11 +33,31 @@ def _run(backend, args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cpu():
+    """The CPU's model and widest vector extension: the ratios depend on both (e.g. TensorFlow turns
+    its oneDNN kernels on by itself only on CPUs with AVX512_VNNI/BF16 or AMX)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next(
+        (name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), ""
+    )
+    return f"{model}, {isa}" if isa else model
+
+
 def _table(results, args):
     head = (
         f"UNet filters {results[0]['filters']}, {args.size}x{args.size}x3, batch {args.batch}, "
         f"Adam + BCE; medians of {args.rounds} alternating rounds; {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}); {time.strftime('%Y-%m-%d')}\n\n"
+        f"({_cpu()}); {time.strftime('%Y-%m-%d')}\n\n"
     )
     lines = [
         "| backend | jit_compile | train img/s | reference | ratio | infer img/s | reference "
