@@ -46,9 +46,10 @@ class EagerPlan:
     ``EagerPlan.build(model)`` returns None when the model does not qualify (see the module docstring).
     """
 
-    def __init__(self, steps, n_slots, output_slot):
-        self.steps = steps  # (call, input slots, inputs-as-list, accepts training)
-        self.n_slots = n_slots
+    def __init__(self, steps, output_slot):
+        # (call, input slots, inputs-as-list, accepts training); step i writes slot i + 1, slot 0
+        # being the model's input
+        self.steps = steps
         self.output_slot = output_slot
 
     @classmethod
@@ -76,14 +77,11 @@ class EagerPlan:
             steps.append((layer.call, [slots[id(t)] for t in sources], as_list, takes_training))
             slots[id(layer.output)] = len(slots)
         output = slots.get(id(model.outputs[0]))
-        return None if output is None else cls(steps, len(slots), output)
+        return None if output is None else cls(steps, output)
 
     def __call__(self, x):
-        values = [None] * self.n_slots
-        values[0] = x
-        slot = 1
+        values = [x]
         for call, sources, as_list, takes_training in self.steps:
             args = ([values[i] for i in sources],) if as_list else (values[sources[0]],)
-            values[slot] = call(*args, training=False) if takes_training else call(*args)
-            slot += 1
+            values.append(call(*args, training=False) if takes_training else call(*args))
         return values[self.output_slot]

@@ -138,9 +138,15 @@ class UNet(keras.Model):
     def call(self, inputs, training=None, mask=None, **kwargs):
         """The functional graph; torch eager inference replays it without Keras' per-layer
         ``__call__`` (:class:`kunet._eager.EagerPlan`: same layers, same result, less Python)."""
-        if not training and mask is None and not kwargs and _fused.use_torch_eager(None, inputs):
+        if (
+            not training
+            and mask is None
+            and not kwargs
+            and keras.ops.is_tensor(inputs)
+            and _fused.use_torch_eager(None, inputs)
+        ):
             plan = self._eager_plan()
-            if plan is not None and keras.ops.is_tensor(inputs):
+            if plan is not None:
                 return plan(inputs)
         return super().call(inputs, training=training, mask=mask, **kwargs)
 

@@ -47,10 +47,10 @@ def test_gradients_in_inference_mode(make_unet):
 
     model = make_unet()
     grads = []
-    for run in (model, _keras_path):
+    for forward in (lambda x: model(x, training=False), lambda x: _keras_path(model, x)):
         x = torch.tensor(np.random.default_rng(1).normal(size=(1, 16, 16, 1)).astype("float32"))
         x.requires_grad_(True)
-        out = model(x, training=False) if run is model else run(model, x)
+        out = forward(x)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads.append(x.grad.numpy())
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
