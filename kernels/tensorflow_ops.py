@@ -61,20 +61,41 @@ def _folded(conv, bn, dtype):
     return tf.cast(kernel * scale, dtype), tf.cast(shift, dtype)
 
 
-def double_conv_forward(layer, x, training: bool):
-    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC TensorFlow tensor ``x``."""
-    y = x
+def _conv_sum(parts, kernel, bias):
+    """``conv2d(concat(parts, -1), kernel) + bias`` as one convolution per part, summed.
+
+    In training this saves the concatenation's copy and the slicing of its gradient (a UNet 16-128
+    training step 2% faster, benchmarks/README.md). The bias goes on the last part's convolution,
+    before the others' sum is added: ``Conv2D -> BiasAdd -> Add``, the order TensorFlow's remapper
+    fuses.
+    """
+    splits = [p.shape[-1] for p in parts]
+    kernels = tf.split(kernel, splits, axis=2) if len(parts) > 1 else [kernel]
+    outs = [
+        tf.nn.conv2d(p, k, strides=1, padding="SAME") for p, k in zip(parts, kernels, strict=True)
+    ]
+    y = outs[-1] if bias is None else tf.nn.bias_add(outs[-1], bias)
+    return y if len(outs) == 1 else y + tf.add_n(outs[:-1])
+
+
+def double_conv_forward(layer, inputs, training: bool):
+    """Run :class:`kunet.layers.DoubleConv` ``layer`` on NHWC TensorFlow tensor(s) ``inputs``
+    (a list of tensors is the layer's input concatenated along channels)."""
+    parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if not training and len(parts) > 1:
+        # Inference: one convolution of the concatenation was as fast (the per-part form pays off
+        # in training, where it also saves slicing the concatenation's gradient).
+        parts = [tf.concat(parts, axis=-1)]
     for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
+        dtype = parts[0].dtype
         train_bn = bn is not None and training and bn.trainable
         if bn is not None and not train_bn:
-            kernel, bias = _folded(conv, bn, y.dtype)
+            kernel, bias = _folded(conv, bn, dtype)
         else:
-            kernel = tf.cast(conv.kernel.value, y.dtype)
-            bias = tf.cast(conv.bias.value, y.dtype) if conv.use_bias else None
-        y = tf.nn.conv2d(y, kernel, strides=1, padding="SAME")
-        if bias is not None:
-            y = tf.nn.bias_add(y, bias)
+            kernel = tf.cast(conv.kernel.value, dtype)
+            bias = tf.cast(conv.bias.value, dtype) if conv.use_bias else None
+        y = _conv_sum(parts, kernel, bias)
         if train_bn:
             y = _batch_norm(bn, y)
-        y = tf.nn.relu(y)
-    return y
+        parts = [tf.nn.relu(y)]
+    return parts[0]

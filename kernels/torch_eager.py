@@ -48,17 +48,22 @@ def _batch_norm(bn, y):
     return out.to(dtype)
 
 
-def _weight(conv, dtype):
+def _oihw(kernel):
     """A Keras HWIO kernel as an OIHW weight in channels_last memory, like the activations.
 
     oneDNN then keeps the whole convolution in channels_last (a plain OIHW weight makes it convert the
     input to NCHW).
     """
-    return (
-        conv.kernel.value.to(dtype)
-        .permute(3, 2, 0, 1)
-        .contiguous(memory_format=torch.channels_last)
-    )
+    return kernel.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
+def _weight(conv, dtype):
+    return _oihw(conv.kernel.value.to(dtype))
+
+
+def _split(kernel, channels):
+    """``kernel`` (HWIO) cut along its input channels into pieces of ``channels`` each."""
+    return list(torch.split(kernel, list(channels), dim=2)) if len(channels) > 1 else [kernel]
 
 
 # Inference weights prepared from the variables (layout, BN folding), per layer, while gradients are
@@ -68,11 +73,12 @@ def _weight(conv, dtype):
 _prepared = weakref.WeakKeyDictionary()
 
 
-def _prepare(layer, tensors, dtype, make):
-    """``make()``, cached on ``layer`` while gradients are off and ``tensors`` are unchanged."""
+def _prepare(layer, tensors, key, make):
+    """``make()``, cached on ``layer`` while gradients are off, ``tensors`` are unchanged and ``key``
+    (the dtype, and the input parts' channels) is the same."""
     if torch.is_grad_enabled():
         return make()
-    stamp = (dtype,) + tuple((t, t._version) for t in tensors if t is not None)
+    stamp = (key,) + tuple((t, t._version) for t in tensors if t is not None)
     entry = _prepared.get(layer)
     if entry is not None and _same_stamp(entry[0], stamp):
         return entry[1]
@@ -91,8 +97,8 @@ def _bias(conv, dtype):
     return conv.bias.value.to(dtype) if conv.use_bias else None
 
 
-def _folded(conv, bn, dtype):
-    """Weight and bias of ``conv`` followed by an inference-mode ``bn``, as one convolution.
+def _folded(conv, bn, dtype, channels):
+    """Weights (one per input part) and bias of ``conv`` followed by an inference-mode ``bn``.
 
     ``bn(conv(x)) = conv(x) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``: scaling
     the kernel's output channels by ``s`` saves batch norm's whole pass over the activations. Folded in
@@ -103,8 +109,8 @@ def _folded(conv, bn, dtype):
     shift = bn.beta.value.float() - bn.moving_mean.value.float() * scale
     if conv.use_bias:
         shift = shift + conv.bias.value.float() * scale
-    weight = (kernel * scale).to(dtype).permute(3, 2, 0, 1)
-    return weight.contiguous(memory_format=torch.channels_last), shift.to(dtype)
+    weights = [_oihw(k) for k in _split((kernel * scale).to(dtype), channels)]
+    return weights, shift.to(dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,18 +134,55 @@ def _conv_relu_op():
 _FUSE_RELU_FROM = 1 << 20
 
 
-def _conv_relu(y, weight, bias):
-    """``relu(conv2d(y, weight, bias, padding=1))`` for a 3x3 kernel; one oneDNN call where it pays."""
-    op = _conv_relu_op()
-    if (
-        op is not None
-        and y.device.type == "cpu"
+@functools.lru_cache(maxsize=1)
+def _conv_add_relu_op():
+    """oneDNN's convolution with an in-place ``relu(conv(x) + other)`` post-op, or None (as above)."""
+    if _conv_relu_op() is None:
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise_.binary
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _fuse_in_onednn(y, weight) -> bool:
+    return (
+        y.device.type == "cpu"
         and y.dtype == torch.float32
         and not torch.is_grad_enabled()
         and y.shape[0] * weight.shape[0] * y.shape[2] * y.shape[3] >= _FUSE_RELU_FROM
-    ):
-        return op(y, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
-    return torch.relu_(F.conv2d(y, weight, bias, padding=1))
+    )
+
+
+def _conv_relu(parts, weights, bias):
+    """``relu(sum_i conv2d(parts[i], weights[i]) + bias)``, 3x3 kernels, "same" padding.
+
+    One convolution per input part, summed, is the convolution of the parts' channel concatenation
+    without the copy into it. Where it pays (CPU, float32, gradients off, large outputs) each part is
+    one oneDNN call, the first with the bias and the last with the sum and ReLU fused in.
+    """
+    relu_op, add_relu_op = _conv_relu_op(), _conv_add_relu_op()
+    if _fuse_in_onednn(parts[0], weights[0]) and relu_op is not None:
+        if len(parts) == 1:
+            return relu_op(parts[0], weights[0], bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        if add_relu_op is not None:
+            y = F.conv2d(parts[0], weights[0], bias, padding=1)
+            for i in range(1, len(parts)):
+                unary = "relu" if i == len(parts) - 1 else None
+                args = ([1, 1], [1, 1], [1, 1], 1, "add", 1.0, unary, [], "")
+                y = add_relu_op(y, parts[i], weights[i], None, *args)
+            return y
+    return torch.relu_(_conv_sum(parts, weights, bias))
+
+
+def _conv_sum(parts, weights, bias):
+    """``sum_i conv2d(parts[i], weights[i]) + bias`` (3x3, "same"): the convolution of the concatenation."""
+    y = F.conv2d(parts[0], weights[0], bias, padding=1)
+    for part, weight in zip(parts[1:], weights[1:], strict=True):
+        out = F.conv2d(part, weight, padding=1)
+        # in place where autograd allows it (y is no input of a backward that needs it)
+        y = y.add_(out) if not torch.is_grad_enabled() else y + out
+    return y
 
 
 def nchw_view(x):
@@ -147,31 +190,46 @@ def nchw_view(x):
     return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def double_conv_forward(layer, x, training: bool):
-    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x``.
+def double_conv_forward(layer, inputs, training: bool):
+    """Run :class:`kunet.layers.DoubleConv` ``layer`` on NHWC torch tensor(s) ``inputs``.
 
+    ``inputs`` is a tensor or a list of tensors whose channel concatenation is the layer's input: the
+    first convolution then runs once per part with its slice of the kernel, summed.
     Batch norm in inference mode (``training=False``, or a frozen BN) is folded into the convolution,
     and with gradients off the ReLU is fused into it too (one oneDNN call per convolution).
     """
     # A tensor Keras left in NCHW memory is converted once here; anything from this module is not.
-    y = nchw_view(x)
+    parts = [nchw_view(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for conv, bn in ((layer.conv1, layer.bn1), (layer.conv2, layer.bn2)):
+        channels = tuple(p.shape[1] for p in parts)
+        dtype = parts[0].dtype
         if bn is not None and training and bn.trainable:
-            y = F.conv2d(y, _weight(conv, y.dtype), _bias(conv, y.dtype), padding=1)
+            weights = [_oihw(k) for k in _split(conv.kernel.value.to(dtype), channels)]
+            y = _conv_sum(parts, weights, _bias(conv, dtype))
             # in place: neither batch norm's nor conv's backward needs this tensor
             y = torch.relu_(_batch_norm(bn, y))
         else:
-            y = _conv_relu(y, *_inference_weights(conv, bn, y.dtype))
-    return y.permute(0, 2, 3, 1)
+            y = _conv_relu(parts, *_inference_weights(conv, bn, dtype, channels))
+        parts = [y]
+    return parts[0].permute(0, 2, 3, 1)
 
 
-def _inference_weights(conv, bn, dtype):
-    """(weight, bias) of ``conv`` (with ``bn`` folded in, if any) for inference, cached."""
-    if bn is None:
-        return _layer_weights(conv, dtype, lambda: _weight(conv, dtype))
+def _inference_weights(conv, bn, dtype, channels):
+    """([weight per input part], bias) of ``conv`` (``bn`` folded in, if any) for inference, cached."""
     tensors = [conv.kernel.value, conv.bias.value if conv.use_bias else None]
-    tensors += [v.value for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)]
-    return _prepare(conv, tensors, dtype, lambda: _folded(conv, bn, dtype))
+    if bn is None:
+
+        def make():
+            kernel = conv.kernel.value.to(dtype)
+            return [_oihw(k) for k in _split(kernel, channels)], _bias(conv, dtype)
+
+    else:
+        tensors += [v.value for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)]
+
+        def make():
+            return _folded(conv, bn, dtype, channels)
+
+    return _prepare(conv, tensors, (dtype, channels), make)
 
 
 def _layer_weights(layer, dtype, make_weight):

@@ -50,10 +50,13 @@ def upsample(x, filters, *, mode="transpose", name="up"):
 
 
 def decoder_block(x, skip, filters, *, upsampling="transpose", name="decoder", **conv_kwargs):
-    """Up-sample ``x``, concatenate the encoder's ``skip``, then DoubleConv."""
+    """Up-sample ``x``, concatenate the encoder's ``skip``, then DoubleConv.
+
+    The DoubleConv takes ``[skip, x]`` and convolves their concatenation along channels without
+    copying them into one tensor where that is faster (see :class:`kunet.layers.DoubleConv`).
+    """
     x = upsample(x, filters, mode=upsampling, name=f"{name}_up")
-    x = keras.layers.Concatenate(name=f"{name}_concat")([skip, x])
-    return DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)(x)
+    return DoubleConv(filters, name=f"{name}_conv", **conv_kwargs)([skip, x])
 
 
 def segmentation_head(x, num_classes, *, activation=None, name="head"):

@@ -26,6 +26,13 @@ class DoubleConv(keras.layers.Layer):
 
     The convolutions have no bias when batch normalization follows them (the BN shift replaces it).
 
+    Called on a list of tensors (a decoder's ``[skip, upsampled]``), it convolves their concatenation
+    along channels, computed without the concatenation where that is faster: the first convolution's
+    kernel is split by input channels and the per-part convolutions are summed (the same sum of
+    products), which saves the copy into the concatenated tensor and, in training, the slicing of its
+    gradient (benchmarks/README.md). The variables are those of a single-tensor input with the total
+    number of channels.
+
     Args:
         filters: output channels of both convolutions.
         batch_norm: put a ``BatchNormalization`` after each convolution (default True).
@@ -42,6 +49,7 @@ class DoubleConv(keras.layers.Layer):
     Example:
         >>> layer = DoubleConv(32)
         >>> y = layer(keras.ops.ones((2, 64, 64, 3)))   # (2, 64, 64, 32)
+        >>> DoubleConv(16)([skip, up])   # == DoubleConv(16)(concatenate([skip, up], axis=-1))
     """
 
     def __init__(
@@ -91,11 +99,7 @@ class DoubleConv(keras.layers.Layer):
             self.bn1 = self.bn2 = None
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if input_shape[-1] is None:
-            raise ValueError(
-                f"DoubleConv needs a known channel count (last axis); got input shape {input_shape}"
-            )
+        input_shape = _concatenated_shape(input_shape)
         mid_shape = input_shape[:-1] + (self.filters,)
         self.conv1.build(input_shape)
         self.conv2.build(mid_shape)
@@ -104,26 +108,43 @@ class DoubleConv(keras.layers.Layer):
             self.bn2.build(mid_shape)
 
     def call(self, inputs, training=None):
-        if _fused.use_fused(self.fused, inputs, batch_norm=self.batch_norm):
-            return _fused.double_conv(self, inputs, training=bool(training))
-        if _fused.use_torch_eager(self, inputs):
-            return _fused.torch_double_conv(self, inputs, training=bool(training))
-        if _fused.use_tensorflow_ops(self, inputs):
-            return _fused.tensorflow_double_conv(self, inputs, training=bool(training))
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        first = parts[0]
+        if _fused.use_fused(self.fused, first, batch_norm=self.batch_norm):
+            # the Triton kernel reads one tensor
+            x = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+            return _fused.double_conv(self, x, training=bool(training))
+        if _fused.use_torch_eager(self, first):
+            return _fused.torch_double_conv(self, parts, training=bool(training))
+        if _fused.use_tensorflow_ops(self, first):
+            return _fused.tensorflow_double_conv(self, parts, training=bool(training))
+        if len(parts) > 1 and _fused.use_jax_ops(first) and _plain_conv(self.conv1):
+            # XLA:CPU: per-part convolutions took 92 ms forward + backward at the benchmark UNet's
+            # four decoder shapes, against 152 ms for one convolution of the concatenation
+            return self.call_sublayers(parts, training, split=True)
         return self.call_sublayers(inputs, training)
 
-    def call_sublayers(self, inputs, training=None):
-        """The reference path: the Keras ``Conv2D`` / ``BatchNormalization`` sublayers in turn."""
-        x = inputs
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
-            x = conv(x)
+    def call_sublayers(self, inputs, training=None, split=False):
+        """The reference path: the Keras ``Conv2D`` / ``BatchNormalization`` sublayers in turn.
+
+        A list of inputs is concatenated along channels, or with ``split=True`` convolved part by part
+        with the matching slices of the first kernel and summed.
+        """
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if split and len(parts) > 1:
+            x = _split_conv(self.conv1, parts)
+        else:
+            x = self.conv1(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1))
+        for conv, bn in ((None, self.bn1), (self.conv2, self.bn2)):
+            if conv is not None:
+                x = conv(x)
             if bn is not None:
                 x = bn(x, training=training)
             x = ops.relu(x)
         return x
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape)[:-1] + (self.filters,)
+        return _concatenated_shape(input_shape)[:-1] + (self.filters,)
 
     def get_config(self):
         config = super().get_config()
@@ -137,6 +158,51 @@ class DoubleConv(keras.layers.Layer):
             }
         )
         return config
+
+
+def _concatenated_shape(input_shape):
+    """The shape of a DoubleConv input, or of the channel concatenation of a list of inputs."""
+    shapes = input_shape if isinstance(input_shape, list) else [input_shape]
+    if shapes and not isinstance(shapes[0], (list, tuple)):
+        shapes = [input_shape]  # one shape given as a list of dims
+    shapes = [tuple(s) for s in shapes]
+    for s in shapes:
+        if len(s) != 4 or s[-1] is None:
+            raise ValueError(
+                "DoubleConv needs 4D (N, H, W, C) inputs with a known channel count (last axis); "
+                f"got input shape {s}"
+            )
+    for s in shapes[1:]:
+        if any(
+            a is not None and b is not None and a != b
+            for a, b in zip(s[:3], shapes[0][:3], strict=True)
+        ):
+            raise ValueError(
+                "DoubleConv concatenates its inputs along channels, so their N, H and W must match; "
+                f"got input shapes {shapes}"
+            )
+    return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+
+
+def _split_conv(conv, parts):
+    """``conv(concatenate(parts, -1))`` as a sum of convolutions of each part with its kernel slice."""
+    kernel = conv.kernel
+    y, start = None, 0
+    for part in parts:
+        stop = start + part.shape[-1]
+        out = ops.conv(
+            part,
+            ops.cast(kernel[:, :, start:stop, :], part.dtype),
+            strides=conv.strides,
+            padding=conv.padding,
+            data_format="channels_last",
+            dilation_rate=conv.dilation_rate,
+        )
+        y = out if y is None else y + out
+        start = stop
+    if conv.use_bias:
+        y = y + ops.cast(conv.bias, y.dtype)
+    return y if conv.activation is None else conv.activation(y)
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
