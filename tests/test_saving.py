@@ -51,6 +51,21 @@ def test_weights_round_trip(tmp_path, make_unet, binary_data):
     np.testing.assert_array_equal(other.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_loads_a_model_saved_by_kunet_0_1_0():
+    """A .keras file written by kunet 0.1.0 at f57b030 (torch backend), when each decoder still had a
+    Concatenate layer before its DoubleConv, loads here and predicts the logits it predicted then.
+    Random weights and BN statistics; input 24x40 (padded to 28x40 inside the graph)."""
+    model = keras.saving.load_model(os.path.join(DATA, "unet_0.1.0_f57b030.keras"))
+    saved = np.load(os.path.join(DATA, "unet_0.1.0_f57b030.npz"))
+    logits = model.predict(saved["x"], verbose=0)
+    assert logits.shape == saved["logits"].shape == (2, 24, 40, 2)
+    scale = float(np.abs(saved["logits"]).max())
+    np.testing.assert_allclose(logits, saved["logits"], atol=1e-5 * scale, rtol=0)
+
+
 def test_compile_config_is_backend_neutral(make_unet):
     config = make_unet().get_compile_config()
     assert config["optimizer"]["module"] == "keras.optimizers"
