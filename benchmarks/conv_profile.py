@@ -1,11 +1,12 @@
-"""The UNet's 3x3 convolutions alone, per framework: where the JAX (XLA:CPU) gap comes from.
+"""The UNet's 3x3 convolutions alone, per framework: the floor each backend's convolutions set.
 
     python benchmarks/conv_profile.py [--size 128] [--batch 8] [--filters 16 32 64 128]
 
 Times every 3x3 convolution of the benchmark UNet (encoder, bottleneck, decoder; batch 8, 128x128 by
-default) forward, and forward + backward (input and kernel gradients), in JAX (``lax.conv``, what
-Keras runs), PyTorch (``F.conv2d`` channels_last, oneDNN) and TensorFlow (``tf.nn.conv2d``, oneDNN),
-each framework in its own subprocess. Prints per-framework sums in ms per batch and the ratio to
+default) forward, and forward + backward (input and kernel gradients from a dense upstream gradient
+in the framework's own layout, as a training step has; the forward's output is kept), in JAX
+(``lax.conv``, what Keras runs), PyTorch (``F.conv2d`` channels_last, oneDNN) and TensorFlow
+(``tf.nn.conv2d``, oneDNN), each framework in its own subprocess. Prints per-framework sums in ms per batch and the ratio to
 PyTorch. The convolutions are most of a UNet training step, so a framework whose convolutions are
 slower here cannot match the reference end to end, whatever the model code does.
 """
@@ -46,7 +47,7 @@ def _timer(run, reps):
     return statistics.median(times) * 1e3
 
 
-def _time_jax(x, w, reps):
+def _time_jax(x, w, g, reps):
     import jax
     from jax import lax
 
@@ -55,35 +56,43 @@ def _time_jax(x, w, reps):
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
-    x, w = jax.numpy.asarray(x), jax.numpy.asarray(w)
+    x, w, g = (jax.numpy.asarray(a) for a in (x, w, g))
     forward = jax.jit(conv)
-    grads = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1)))
+
+    @jax.jit
+    def grads(x, w):
+        y, vjp = jax.vjp(conv, x, w)
+        return y, vjp(g)
+
     fwd = _timer(lambda: forward(x, w).block_until_ready(), reps)
     return fwd, _timer(lambda: jax.block_until_ready(grads(x, w)), reps)
 
 
-def _time_torch(x, w, reps):
+def _time_torch(x, w, g, reps):
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    w = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    def channels_last(a, *axes):
+        return torch.from_numpy(a).permute(*axes).contiguous(memory_format=torch.channels_last)
+
+    x, g = channels_last(x, 0, 3, 1, 2), channels_last(g, 0, 3, 1, 2)
+    w = channels_last(w, 3, 2, 0, 1)
     x.requires_grad_(True)
     w.requires_grad_(True)
 
     def train():
         x.grad = w.grad = None
-        F.conv2d(x, w, padding=1).sum().backward()
+        F.conv2d(x, w, padding=1).backward(g)
 
     with torch.no_grad():
         fwd = _timer(lambda: F.conv2d(x, w, padding=1), reps)
     return fwd, _timer(train, reps)
 
 
-def _time_tensorflow(x, w, reps):
+def _time_tensorflow(x, w, g, reps):
     import tensorflow as tf
 
-    x, w = tf.constant(x), tf.Variable(w)
+    x, w, g = tf.constant(x), tf.Variable(w), tf.constant(g)
 
     @tf.function
     def infer():
@@ -93,11 +102,13 @@ def _time_tensorflow(x, w, reps):
     def train():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = tf.reduce_sum(tf.nn.conv2d(x, w, 1, "SAME"))
-        return tape.gradient(y, [x, w])
+            y = tf.nn.conv2d(x, w, 1, "SAME")
+        # y is returned too: the gradients do not read it, and grappler would prune the forward
+        return y, tape.gradient(y, [x, w], output_gradients=g)
 
-    fwd = _timer(lambda: infer().numpy(), reps)
-    return fwd, _timer(lambda: [t.numpy() for t in train()], reps)
+    # a tf.function call on the CPU returns once its outputs are computed: no copy to NumPy timed
+    fwd = _timer(infer, reps)
+    return fwd, _timer(train, reps)
 
 
 def _measure(framework, shapes, batch, reps):
@@ -109,7 +120,11 @@ def _measure(framework, shapes, batch, reps):
     for h, cin, cout in shapes:
         x = rng.random((batch, h, h, cin), dtype="float32")
         w = (0.1 * rng.random((3, 3, cin, cout))).astype("float32")
-        fwd, bwd = time_conv(x, w, reps)
+        # a dense upstream gradient in the activations' layout, as in a training step (the
+        # gradient of a sum is a broadcast constant, which PyTorch passes as a stride-0 tensor
+        # and then runs its backward in NCHW)
+        g = rng.normal(size=(batch, h, h, cout)).astype("float32")
+        fwd, bwd = time_conv(x, w, g, reps)
         fwd_total += fwd
         bwd_total += bwd
     return {"forward_ms": fwd_total, "forward_backward_ms": bwd_total}
