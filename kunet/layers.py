@@ -162,10 +162,8 @@ class DoubleConv(keras.layers.Layer):
 
 def _concatenated_shape(input_shape):
     """The shape of a DoubleConv input, or of the channel concatenation of a list of inputs."""
-    shapes = input_shape if isinstance(input_shape, list) else [input_shape]
-    if shapes and not isinstance(shapes[0], (list, tuple)):
-        shapes = [input_shape]  # one shape given as a list of dims
-    shapes = [tuple(s) for s in shapes]
+    several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
+    shapes = [tuple(s) for s in input_shape] if several else [tuple(input_shape)]
     for s in shapes:
         if len(s) != 4 or s[-1] is None:
             raise ValueError(

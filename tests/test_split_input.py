@@ -150,6 +150,8 @@ def test_mixed_precision(double_conv_twins, assert_as_accurate):
 def test_shapes_and_errors():
     layer = DoubleConv(4)
     assert layer.compute_output_shape([(None, 8, 8, 3), (None, 8, 8, 5)]) == (None, 8, 8, 4)
+    assert layer.compute_output_shape(((2, 8, 8, 3), [2, 8, 8, 1])) == (2, 8, 8, 4)
+    assert layer.compute_output_shape([2, 8, 8, 3]) == (2, 8, 8, 4)
     a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 5))
     assert DoubleConv(4)([a, b]).shape == (None, 8, 8, 4)
     built = DoubleConv(4)
