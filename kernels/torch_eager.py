@@ -61,9 +61,11 @@ def _weight(conv, dtype):
     return _oihw(conv.kernel.value.to(dtype))
 
 
-def _split(kernel, channels):
-    """``kernel`` (HWIO) cut along its input channels into pieces of ``channels`` each."""
-    return list(torch.split(kernel, list(channels), dim=2)) if len(channels) > 1 else [kernel]
+def _part_weights(kernel, channels):
+    """``kernel`` (HWIO) cut along its input channels into pieces of ``channels`` each, as OIHW
+    channels_last weights: one per input part of a convolution of their concatenation."""
+    pieces = torch.split(kernel, list(channels), dim=2) if len(channels) > 1 else [kernel]
+    return [_oihw(k) for k in pieces]
 
 
 # Inference weights prepared from the variables (layout, BN folding), per layer, while gradients are
@@ -109,7 +111,7 @@ def _folded(conv, bn, dtype, channels):
     shift = bn.beta.value.float() - bn.moving_mean.value.float() * scale
     if conv.use_bias:
         shift = shift + conv.bias.value.float() * scale
-    weights = [_oihw(k) for k in _split((kernel * scale).to(dtype), channels)]
+    weights = _part_weights((kernel * scale).to(dtype), channels)
     return weights, shift.to(dtype)
 
 
@@ -204,7 +206,7 @@ def double_conv_forward(layer, inputs, training: bool):
         channels = tuple(p.shape[1] for p in parts)
         dtype = parts[0].dtype
         if bn is not None and training and bn.trainable:
-            weights = [_oihw(k) for k in _split(conv.kernel.value.to(dtype), channels)]
+            weights = _part_weights(conv.kernel.value.to(dtype), channels)
             y = _conv_sum(parts, weights, _bias(conv, dtype))
             # in place: neither batch norm's nor conv's backward needs this tensor
             y = torch.relu_(_batch_norm(bn, y))
@@ -220,8 +222,7 @@ def _inference_weights(conv, bn, dtype, channels):
     if bn is None:
 
         def make():
-            kernel = conv.kernel.value.to(dtype)
-            return [_oihw(k) for k in _split(kernel, channels)], _bias(conv, dtype)
+            return _part_weights(conv.kernel.value.to(dtype), channels), _bias(conv, dtype)
 
     else:
         tensors += [v.value for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)]

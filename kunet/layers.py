@@ -112,8 +112,7 @@ class DoubleConv(keras.layers.Layer):
         first = parts[0]
         if _fused.use_fused(self.fused, first, batch_norm=self.batch_norm):
             # the Triton kernel reads one tensor
-            x = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
-            return _fused.double_conv(self, x, training=bool(training))
+            return _fused.double_conv(self, _concatenated(parts), training=bool(training))
         if _fused.use_torch_eager(self, first):
             return _fused.torch_double_conv(self, parts, training=bool(training))
         if _fused.use_tensorflow_ops(self, first):
@@ -131,17 +130,16 @@ class DoubleConv(keras.layers.Layer):
         with the matching slices of the first kernel and summed.
         """
         parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+
+        def bn_relu(bn, x):
+            return ops.relu(x if bn is None else bn(x, training=training))
+
         if split and len(parts) > 1:
             x = _split_conv(self.conv1, parts)
         else:
-            x = self.conv1(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1))
-        for conv, bn in ((None, self.bn1), (self.conv2, self.bn2)):
-            if conv is not None:
-                x = conv(x)
-            if bn is not None:
-                x = bn(x, training=training)
-            x = ops.relu(x)
-        return x
+            x = self.conv1(_concatenated(parts))
+        x = bn_relu(self.bn1, x)
+        return bn_relu(self.bn2, self.conv2(x))
 
     def compute_output_shape(self, input_shape):
         return _concatenated_shape(input_shape)[:-1] + (self.filters,)
@@ -180,6 +178,11 @@ def _concatenated_shape(input_shape):
                 f"got input shapes {shapes}"
             )
     return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+
+
+def _concatenated(parts):
+    """The channel concatenation of ``parts`` (the tensor itself when there is one)."""
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
 def _split_conv(conv, parts):
