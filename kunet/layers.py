@@ -16,8 +16,24 @@ import keras
 from keras import ops
 
 from kunet import _fused
+from kunet._args import check_kwargs
 
 _PACKAGE = "kunet.layers"
+
+
+def _check_kwargs(layer, kwargs):
+    """``TypeError`` for a keyword that neither ``layer``'s class nor ``keras.layers.Layer`` takes.
+
+    Besides its signature, ``keras.layers.Layer`` reads the legacy ``input_shape`` / ``input_dim``
+    from its ``**kwargs``; Keras 2's other legacy keywords go on to Keras, which judges them.
+    """
+    check_kwargs(
+        layer,
+        kwargs,
+        keras.layers.Layer,
+        also=("input_shape", "input_dim"),
+        defer=("batch_size", "batch_input_shape", "weights"),
+    )
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
@@ -62,6 +78,7 @@ class DoubleConv(keras.layers.Layer):
         kernel_regularizer=None,
         **kwargs,
     ):
+        _check_kwargs(self, kwargs)
         super().__init__(**kwargs)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"DoubleConv: filters must be a positive int; got {filters!r}")
@@ -215,6 +232,7 @@ class PadToMultiple(keras.layers.Layer):
     """
 
     def __init__(self, multiple, **kwargs):
+        _check_kwargs(self, kwargs)
         super().__init__(**kwargs)
         if not isinstance(multiple, int) or multiple < 1:
             raise ValueError(f"PadToMultiple: multiple must be a positive int; got {multiple!r}")
@@ -245,6 +263,10 @@ class PadToMultiple(keras.layers.Layer):
 class CropLike(keras.layers.Layer):
     """Centre-crop the first input's H and W to those of the second (the undo of PadToMultiple)."""
 
+    def __init__(self, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(**kwargs)
+
     def call(self, inputs):
         x, reference = inputs
         shape, ref = ops.shape(x), ops.shape(reference)
@@ -267,6 +289,10 @@ class BilinearUpSampling2D(keras.layers.Layer):
     TensorFlow fails in graph mode when H and W are unknown (``ops.image.resize`` tests the size in
     Python). Each output pixel is 3/4 of its source pixel plus 1/4 of the neighbour on its side.
     """
+
+    def __init__(self, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(**kwargs)
 
     def call(self, inputs):
         return _upsample_axis(_upsample_axis(inputs, 1), 2)
@@ -300,6 +326,10 @@ class MaxPool2x(keras.layers.Layer):
     own layer copies the tensor to NCHW and back; on JAX it is a max over a reshape (a faster
     backward on XLA:CPU); on TensorFlow it is Keras' ``ops.max_pool``.
     """
+
+    def __init__(self, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(**kwargs)
 
     def call(self, inputs):
         if _fused.use_torch_eager(None, inputs):
@@ -337,6 +367,10 @@ class Conv2D(keras.layers.Conv2D):
     to NCHW and back. Everywhere else (and for other options) it is Keras' layer.
     """
 
+    def __init__(self, *args, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(*args, **kwargs)
+
     def call(self, inputs):
         if (
             _fused.use_torch_eager(None, inputs)
@@ -365,6 +399,10 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
 
     Anything else, and TensorFlow, is Keras' layer.
     """
+
+    def __init__(self, *args, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(*args, **kwargs)
 
     def _block_transpose(self) -> bool:
         return (

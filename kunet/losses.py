@@ -18,6 +18,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kunet._args import check_kwargs
+
 _PACKAGE = "kunet.losses"
 
 
@@ -60,6 +62,7 @@ class _OverlapLoss(keras.losses.Loss):
     alpha = beta = 0.5
 
     def __init__(self, from_logits=True, smooth=1.0, include_background=True, name=None, **kwargs):
+        check_kwargs(self, kwargs, keras.losses.Loss)  # the subclass's own arguments included
         super().__init__(name=name or type(self).__name__.lower(), **kwargs)
         self.from_logits = from_logits
         self.smooth = float(smooth)
@@ -145,6 +148,7 @@ class Focal(keras.losses.Loss):
     """
 
     def __init__(self, gamma=2.0, alpha=0.25, from_logits=True, name="focal", **kwargs):
+        check_kwargs(self, kwargs, keras.losses.Loss)
         super().__init__(name=name, **kwargs)
         self.gamma = float(gamma)
         self.alpha = None if alpha is None else float(alpha)
@@ -198,6 +202,7 @@ class CEDice(keras.losses.Loss):
         name="ce_dice",
         **kwargs,
     ):
+        check_kwargs(self, kwargs, keras.losses.Loss)
         super().__init__(name=name, **kwargs)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kunet._args import check_kwargs
 from kunet.losses import _binary_target, _sparse_labels
 
 _PACKAGE = "kunet.metrics"
@@ -29,7 +30,9 @@ class _OverlapMetric(keras.metrics.Metric):
         class_id=None,
         name=None,
         dtype=None,
+        **kwargs,
     ):
+        check_kwargs(self, kwargs, keras.metrics.Metric)
         super().__init__(name=name or type(self).__name__.lower(), dtype=dtype)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from kunet import _eager, _fused, _validation, blocks
+from kunet._args import check_kwargs
 from kunet.layers import CropLike, PadToMultiple
 
 
@@ -102,6 +103,8 @@ class UNet(keras.Model):
         name="unet",
         **kwargs,
     ):
+        # the functional keras.Model reads `trainable` from its **kwargs and drops any other keyword
+        check_kwargs(self, kwargs, UNet, also=("trainable",))
         filters, input_shape = _check_config(
             num_classes, filters, input_shape, upsampling, dropout, output_activation
         )
