@@ -80,7 +80,20 @@ def tests(session, backend):
     python, env = _matrix_env(session)
     session.run(
         python, "-m", "pytest", "tests", "--ignore=tests/kernels", "-p", "no:cacheprovider",
-        "--timeout=900", *session.posargs,
+        "--timeout=900", "--durations=8", *session.posargs,
+        env={**env, "KERAS_BACKEND": backend}, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("backend", BACKENDS)
+def faults(session, backend):
+    """The fault-injection suite alone (tests/test_faults.py, also part of ``tests``): kills and
+    interrupts ``kunet train`` / ``predict`` at every write step and checks what they leave."""
+    python, env = _matrix_env(session)
+    session.run(
+        python, "-m", "pytest", "tests/test_faults.py", "-p", "no:cacheprovider",
+        "--timeout=900", "--durations=0", *session.posargs,
         env={**env, "KERAS_BACKEND": backend}, external=True,
     )  # fmt: skip
 

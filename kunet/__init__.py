@@ -26,7 +26,18 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
 if "tensorflow" not in _sys.modules:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from kunet import augment, blocks, data, inference, io, layers, losses, metrics  # noqa: E402
+from kunet import (  # noqa: E402
+    augment,
+    blocks,
+    callbacks,
+    data,
+    inference,
+    io,
+    layers,
+    losses,
+    metrics,
+    outputs,
+)
 from kunet._fused import FusedUnavailableError, get_fused, set_fused  # noqa: E402
 from kunet.model import UNet  # noqa: E402
 
@@ -36,12 +47,14 @@ __all__ = [
     "UNet",
     "augment",
     "blocks",
+    "callbacks",
     "data",
     "inference",
     "io",
     "layers",
     "losses",
     "metrics",
+    "outputs",
     "set_fused",
     "get_fused",
     "FusedUnavailableError",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kunet.io import check_nan_policy, count_nonfinite, nonfinite_message, show
+
 
 def _as_array(value):
     if value is None or isinstance(value, np.ndarray):
@@ -48,27 +50,57 @@ def _first_batch(data):
     return batch, None
 
 
-def check_data(x, y, *, channels, num_classes, input_shape=None, where="x"):
-    """Validate images ``x`` and masks ``y`` (either may be a dataset yielding (x, y) batches)."""
+def check_data(x, y, *, channels, num_classes, input_shape=None, where="x", nan_policy="error"):
+    """Validate images ``x`` and masks ``y`` (either may be a dataset yielding (x, y) batches).
+
+    Returns ``x``, with NaN/inf values replaced by 0 where ``nan_policy`` is 'zero' and ``x`` is an
+    array (a dataset is returned as it is: its first batch is checked, the rest is guarded in the
+    training step).
+    """
     xa = _as_array(x)
+    peeked = False
     if xa is None and x is not None:
-        peeked = _first_batch(x)
-        if peeked is None:
-            return
-        xa, ya = _as_array(peeked[0]), _as_array(peeked[1])
+        first = _first_batch(x)
+        if first is None:
+            return x
+        xa, ya = _as_array(first[0]), _as_array(first[1])
         if xa is None:
-            return
+            return x
         label = f"{where} (first batch)"
         y_label = f"{where} masks (first batch)"
+        peeked = True
+        if nan_policy == "zero":
+            raise ValueError(
+                f"nan_policy='zero' replaces NaN/inf in arrays, but {where} is a dataset: replace "
+                "them in its pipeline (e.g. np.nan_to_num), or pass nan_policy='ignore'"
+            )
     else:
         ya = _as_array(y)
         label = where
         y_label = "y" if where == "x" else f"{where} masks"
     if xa is None:
-        return
+        return x
     check_images(xa, channels=channels, input_shape=input_shape, name=label)
     if ya is not None:
         check_masks(ya, xa.shape, num_classes=num_classes, name=y_label, images_name=label)
+    cleaned = check_finite(xa, nan_policy, name=label)
+    return x if peeked or cleaned is xa else cleaned
+
+
+def check_finite(x, nan_policy="error", name="x"):
+    """``x`` (N, ...) under ``nan_policy``: 'error' raises ValueError naming the first image index
+    holding NaN/inf and the counts; 'zero' returns a copy with them set to 0; 'ignore' returns ``x``."""
+    check_nan_policy(nan_policy)
+    if nan_policy == "ignore" or count_nonfinite(x) == 0:
+        return x
+    if nan_policy == "zero":
+        return np.where(np.isfinite(x), x, 0).astype(x.dtype)
+    per_image = [count_nonfinite(image) for image in x]
+    bad = [i for i, n in enumerate(per_image) if n]
+    raise ValueError(
+        nonfinite_message(f"{name}[{bad[0]}]", per_image[bad[0]], x[0].size)
+        + (f"; {len(bad)} of the {len(x)} images do ({show(bad)})" if len(bad) > 1 else "")
+    )
 
 
 def check_images(x, *, channels, input_shape=None, name="x"):
@@ -106,9 +138,10 @@ def check_masks(y, image_shape, *, num_classes, name="y", images_name="x"):
         )
     if y.size == 0:
         return
+    bad = count_nonfinite(y)
+    if bad:
+        raise ValueError(f"{name} holds {bad} NaN/inf value(s); masks hold class indices")
     lo, hi = y.min(), y.max()
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or infinite values")
     if num_classes == 1:
         if lo < 0 or hi > 1:
             raise ValueError(

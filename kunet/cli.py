@@ -4,15 +4,20 @@
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
 
-Bad input (missing partners, unreadable files, size mismatches, labels beyond the classes, empty
-folders, unwritable outputs) ends with ``kunet: error: <message naming the file>`` on stderr and exit
-status 2, without a traceback and without partial outputs.
+Bad input (missing partners, unreadable files, size mismatches, labels beyond the classes, NaN/inf
+pixels, empty folders, an output folder that is an input folder or already holds the outputs,
+unwritable outputs) ends with ``kunet: error: <message naming the file>`` on stderr and exit status
+2, without a traceback and without partial outputs. A training run whose loss or weights become
+NaN/inf stops with exit status 1, keeping its last good epoch. Ctrl-C stops at the next safe point
+with one line and exit status 130. What had to be guessed about the data is printed as
+``kunet: note: ...`` lines on stderr, even under --quiet (--strict refuses to guess).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 
@@ -44,6 +49,31 @@ def _fraction(text):
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def _add_safety(p, writes=True):
+    """The options every data command shares: NaN policy, strictness, and --overwrite if it writes."""
+    from kunet.io import NAN_POLICIES
+
+    p.add_argument(
+        "--nan-policy",
+        choices=NAN_POLICIES,
+        default="error",
+        help="NaN/inf pixels in an image: error (default: refuse, naming the file), zero (set to "
+        "0 after normalization) or ignore (pass them on)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to guess (number of classes, channel conversions, 0/255 masks) instead of "
+        "saying what was guessed",
+    )
+    if writes:
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace files already in the output folder (default: refuse)",
+        )
 
 
 def _add_train(sub):
@@ -104,6 +134,7 @@ def _add_train(sub):
         help="filters per encoder stage (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_safety(p)
     p.set_defaults(func=_run_train)
 
 
@@ -122,7 +153,10 @@ def _run_train(args):
         val_split=args.val_split,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         filters=tuple(args.filters),
+        nan_policy=args.nan_policy,
+        strict=args.strict,
         verbose=0 if args.quiet else 1,
     )
     return 0
@@ -145,7 +179,8 @@ def _add_predict(sub):
         help="tile side for large images (default 256)",
     )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--quiet", action="store_true", help="print no progress")
+    _add_safety(p)
     p.set_defaults(func=_run_predict)
 
 
@@ -158,6 +193,9 @@ def _run_predict(args):
         args.out,
         tile_size=args.tile_size,
         tta=args.tta,
+        overwrite=args.overwrite,
+        nan_policy=args.nan_policy,
+        strict=args.strict,
         verbose=0 if args.quiet else 1,
     )
     return 0
@@ -180,13 +218,22 @@ def _add_evaluate(sub):
     )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
+    _add_safety(p, writes=False)
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args):
     from kunet import train as t
 
-    scores = t.evaluate(args.model, args.images, args.masks, tile_size=args.tile_size, tta=args.tta)
+    scores = t.evaluate(
+        args.model,
+        args.images,
+        args.masks,
+        tile_size=args.tile_size,
+        tta=args.tta,
+        nan_policy=args.nan_policy,
+        strict=args.strict,
+    )
     print(f"{scores['images']} image(s), {scores['num_classes']} classes")
     print(f"{'class':>6} {'dice':>8} {'iou':>8}")
     for c in scores["dice"]:
@@ -198,26 +245,32 @@ def _run_evaluate(args):
 
 
 def main(argv=None) -> int:
+    """``kunet ...``: the exit status (0 ok, 1 training diverged or --require-dice missed, 2 bad
+    input, 130 Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command started (imports, argument parsing)
+        print("kunet: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(
         prog="kunet",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        from kunet import demo
-    except (
-        ModuleNotFoundError
-    ) as e:  # the demo lands separately; the other commands work without it
-        if e.name != "kunet.demo":
-            raise
-    else:
-        demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    from kunet import demo
+
+    demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
 
+    from kunet.callbacks import NonFiniteError
     from kunet.io import DataError
 
     try:
@@ -225,10 +278,27 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"kunet: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"kunet: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except OSError as e:  # e.g. a disk that fills up or a folder made read-only mid-run
         where = f"{e.filename}: " if e.filename else ""
         print(f"kunet: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"kunet: {_interrupted(e, args.command, argv)}", file=sys.stderr, flush=True)
+        return 130
+
+
+def _interrupted(e, command, argv):
+    """The one line printed after Ctrl-C: where it stopped and, for train, how to resume."""
+    said = " ".join(str(e).split()) or "interrupted"
+    if command == "train" and getattr(e, "epoch", None) is not None:
+        again = [a for a in argv if a != "--overwrite"]
+        if "--resume" not in again:
+            again.append("--resume")
+        return f"{said}; resume with: {shlex.join(['kunet', *again])}"
+    return said
 
 
 if __name__ == "__main__":

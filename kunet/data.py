@@ -8,8 +8,10 @@ Layout::
 Images may be 8- or 16-bit, grayscale or RGB; each is normalized on its own (:func:`kunet.io.normalize`).
 Masks are class-index images (0 = background): grayscale or palette PNGs, or 0/255 binary masks.
 Every pair is read and checked when the dataset is made (missing partners, unreadable files, size
-mismatches, label values beyond ``num_classes``), each problem raising :class:`DataError` naming the
-file. The data is held in memory (the use case: a few to a few hundred images).
+mismatches, label values beyond ``num_classes``, NaN/inf pixels), each problem raising
+:class:`DataError` naming the file; what had to be guessed (the number of classes, channel
+conversions, 0/255 masks) is said as a :class:`kunet.io.GuessWarning`. The data is held in memory
+(the use case: a few to a few hundred images).
 
 Example:
     >>> train, val = kunet.data.folder_datasets("data/images", "data/masks", patch_size=128)
@@ -20,14 +22,24 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from kunet import _failpoints
 from kunet import augment as _augment
-from kunet.io import DataError, list_images, normalize, read_image, read_mask, to_channels
+from kunet.io import (
+    DataError,
+    Guesses,
+    check_nan_policy,
+    list_images,
+    normalize,
+    read_image,
+    read_mask,
+    to_channels,
+)
 
 __all__ = [
     "DataError",
@@ -64,11 +76,13 @@ class Sample:
 
 @dataclass
 class FolderData:
-    """Loaded pairs plus what was inferred: ``num_classes`` (with background, >= 2) and ``channels``."""
+    """Loaded pairs plus what was inferred: ``num_classes`` (with background, >= 2), ``channels``
+    and ``notes`` (what had to be guessed, see :class:`kunet.io.Guesses`)."""
 
     samples: list
     num_classes: int
     channels: int
+    notes: list = field(default_factory=list)  # what was guessed, one line per kind
 
     @property
     def model_num_classes(self):
@@ -99,33 +113,51 @@ def pair_files(images, masks):
     return [(stem, image_by_stem[stem], mask_by_stem[stem]) for stem in sorted(image_by_stem)]
 
 
-def load_folder(images, masks, *, num_classes=None, channels=None):
+def load_folder(
+    images, masks, *, num_classes=None, channels=None, nan_policy="error", guesses=None
+):
     """Read and check every pair of ``images``/``masks``; returns a :class:`FolderData`.
 
     Args:
         num_classes: classes in the masks including background (2 = binary; 1 is read as binary
-            too). None: inferred as the largest label + 1 (at least 2).
+            too). None: inferred as the largest label + 1 (at least 2), and said so.
         channels: the channels the images are converted to (1 or 3). None: 3 if any image is RGB,
             else 1.
+        nan_policy: NaN/inf pixels in an image: 'error' (DataError naming the file and the count),
+            'zero' (set to 0 after normalization) or 'ignore'. NaN in a mask is always an error.
+        guesses: a :class:`kunet.io.Guesses` collecting what had to be guessed (inferred classes,
+            alpha dropped, channel conversions, 0/255 masks; ``Guesses(strict=True)`` refuses them).
+            None: each kind is issued once as a :class:`kunet.io.GuessWarning`. The lines are also
+            in the result's ``notes``.
     """
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
     ):
         raise DataError(f"num_classes must be a positive int; got {num_classes!r}")
+    check_nan_policy(nan_policy)
+    warn = guesses is None
+    guesses = Guesses() if guesses is None else guesses
     if num_classes == 1:
         num_classes = 2
     pairs = pair_files(images, masks)
-    samples = []
+    raw = []
     largest, largest_path = 0, None
     for stem, image_path, mask_path in pairs:
-        image = read_image(image_path)
-        mask = read_mask(mask_path)
+        _failpoints.reached("data:read")
+        image = read_image(image_path, "error" if nan_policy == "error" else "ignore", guesses)
+        mask = read_mask(mask_path, guesses)
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} "
                 f"is {image.shape[1]}x{image.shape[0]}"
             )
         top = int(mask.max(initial=0))
+        if num_classes == 2 and top >= 2:
+            values = np.unique(mask)
+            raise DataError(
+                f"{mask_path} holds the values {_values(values)}, but the masks must be binary here "
+                "(0/1 or 0/255, for num_classes 1 or 2); for more classes give their number"
+            )
         if num_classes is not None and top >= num_classes:
             raise DataError(
                 f"{mask_path} has label {top} but num_classes is {num_classes} "
@@ -133,7 +165,7 @@ def load_folder(images, masks, *, num_classes=None, channels=None):
             )
         if top > largest:
             largest, largest_path = top, mask_path
-        samples.append(Sample(stem, image_path, mask_path, image, mask))
+        raw.append((stem, image_path, mask_path, image, mask))
     if num_classes is None:
         num_classes = max(2, largest + 1)
         if num_classes > MAX_INFERRED_CLASSES:
@@ -141,11 +173,26 @@ def load_folder(images, masks, *, num_classes=None, channels=None):
                 f"{largest_path} has label {largest}: {num_classes} classes inferred, which looks "
                 "like an instance-label mask; give the number of classes explicitly if it is right"
             )
+        kind = "binary" if num_classes == 2 else f"labels 0..{num_classes - 1}"
+        guesses.note(
+            "",
+            f"{num_classes} classes inferred from the masks ({kind}); set the number of "
+            "classes (--num-classes / num_classes=) if that is wrong",
+        )
     if channels is None:
-        channels = 3 if any(s.image.shape[-1] == 3 for s in samples) else 1
-    for s in samples:
-        s.image = normalize(to_channels(s.image, channels, s.image_path))
-    return FolderData(samples, num_classes, channels)
+        channels = 3 if any(r[3].shape[-1] == 3 for r in raw) else 1
+    samples = [
+        Sample(stem, ip, mp, normalize(to_channels(image, channels, ip, guesses), nan_policy), mask)
+        for stem, ip, mp, image, mask in raw
+    ]
+    if warn:
+        guesses.emit()
+    return FolderData(samples, num_classes, channels, guesses.lines())
+
+
+def _values(values, limit=6):
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (", ..." if len(values) > limit else "")
 
 
 def _targets(masks, num_classes):
@@ -332,6 +379,8 @@ def folder_datasets(
     channels=None,
     patches_per_epoch=None,
     foreground=1 / 3,
+    nan_policy="error",
+    guesses=None,
     **kwargs,
 ):
     """Training and validation datasets from ``images``/``masks`` folders.
@@ -339,10 +388,18 @@ def folder_datasets(
     Returns ``(train, val)``: a :class:`PatchDataset` of random augmented patches and a
     :class:`TileDataset` of the held-out images' tiles. Both carry ``num_classes`` (mask classes,
     with background), ``model_num_classes`` (what ``kunet.UNet(num_classes=...)`` needs: 1 for binary)
-    and ``channels``. ``kwargs`` (``workers``, default 1 loader thread; ``use_multiprocessing``;
-    ``max_queue_size``) go to ``keras.utils.PyDataset``.
+    and ``channels``. ``nan_policy`` and ``guesses`` are :func:`load_folder`'s. ``kwargs``
+    (``workers``, default 1 loader thread; ``use_multiprocessing``; ``max_queue_size``) go to
+    ``keras.utils.PyDataset``.
     """
-    data = load_folder(images, masks, num_classes=num_classes, channels=channels)
+    data = load_folder(
+        images,
+        masks,
+        num_classes=num_classes,
+        channels=channels,
+        nan_policy=nan_policy,
+        guesses=guesses,
+    )
     train_samples, val_samples = split(data.samples, val_split, seed)
     train = PatchDataset(
         train_samples,

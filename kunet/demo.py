@@ -24,8 +24,9 @@ import numpy as np
 
 from kunet import synthetic
 from kunet.cli import _positive_int
-from kunet.io import atomic_path, atomic_save_model
+from kunet.io import DataError
 from kunet.model import UNet
+from kunet.outputs import atomic_path, atomic_save_model, check_existing
 
 DEFAULTS = {
     "out": "kunet_demo",
@@ -40,6 +41,7 @@ DEFAULTS = {
     "time_budget": 170.0,
     "examples": 4,
 }
+OUTPUTS = ("model.keras", "demo.png")
 
 
 def _filters(text):
@@ -138,6 +140,11 @@ def add_arguments(parser):
         metavar="DICE",
         help="exit with status 1 when the validation Dice ends below DICE",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace model.keras and demo.png if --out already holds them (default: refuse)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -221,6 +228,10 @@ def run(args) -> int:
     """Generate data, train, report the validation Dice, save the model and the figure."""
     start = _start_time()
     backend = keras.backend.backend()
+    if os.path.isdir(args.out):
+        check_existing(args.out, OUTPUTS, getattr(args, "overwrite", False), "--out folder")
+    elif os.path.exists(args.out):
+        raise DataError(f"--out {args.out} exists and is not a folder")
     keras.utils.set_random_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 

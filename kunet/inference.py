@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from kunet.augment import sample_nearest
+from kunet.io import apply_nan_policy
 
 __all__ = ["predict_tiled", "predict_image", "tile_starts", "window", "to_labels"]
 
@@ -81,18 +82,31 @@ def _run(model, batch, activation, tta):
     return total / 4.0
 
 
-def _as_image(image):
+def _as_image(model, image, nan_policy):
+    """``image`` as float32 (H, W, C), checked against the model's input channels and for NaN/inf."""
     image = np.asarray(image, dtype="float32")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W) or (H, W, C); got shape {image.shape}")
-    return image
+    input_shape = getattr(model, "input_shape", None)
+    want = input_shape[-1] if isinstance(input_shape, tuple) and input_shape else None
+    if want is not None and image.shape[-1] != want:
+        raise ValueError(
+            f"image has {image.shape[-1]} channel(s) (shape {image.shape}) but the model expects "
+            f"{want} (input shape {input_shape[1:]}); convert it first, e.g. "
+            f"kunet.io.to_channels(image, {want})"
+        )
+    return apply_nan_policy(image, nan_policy, "image", error=ValueError)
 
 
-def predict_image(model, image, activation="auto", tta=False):
-    """Predict a whole image (H, W, C) in one call -> (H, W, K) (probabilities by default)."""
-    image = _as_image(image)
+def predict_image(model, image, activation="auto", tta=False, nan_policy="error"):
+    """Predict a whole image (H, W, C) in one call -> (H, W, K) (probabilities by default).
+
+    The image must have the model's input channels; NaN/inf pixels follow ``nan_policy`` ('error':
+    ValueError with their count, 'zero': set to 0, 'ignore': passed on).
+    """
+    image = _as_image(model, image, nan_policy)
     return _run(model, image[None], _activation(model, activation), tta)[0]
 
 
@@ -105,6 +119,7 @@ def predict_tiled(
     batch_size=4,
     tta=False,
     activation="auto",
+    nan_policy="error",
 ):
     """Predict ``image`` (H, W, C) tile by tile; returns float32 (H, W, K).
 
@@ -120,8 +135,12 @@ def predict_tiled(
         tta: average the predictions of the tile and its horizontal, vertical and double flips.
         activation: ``"auto"`` (sigmoid/softmax for a kunet.UNet emitting logits, else none),
             ``"sigmoid"``, ``"softmax"`` or None: applied to each tile before blending.
+        nan_policy: NaN/inf pixels: ``"error"`` (ValueError with their count, before any tile is
+            predicted), ``"zero"`` (set to 0) or ``"ignore"``.
+
+    The image must have the model's input channels (ValueError otherwise).
     """
-    image = _as_image(image)
+    image = _as_image(model, image, nan_policy)
     th, tw = (tile_size, tile_size) if np.isscalar(tile_size) else tuple(tile_size)
     if min(th, tw) < 1:
         raise ValueError(f"tile_size must be positive; got {tile_size!r}")

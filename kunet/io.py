@@ -11,14 +11,15 @@ Conventions:
 * A mask is read as int32 ``(H, W)`` class indices: a palette PNG gives its indices, a grayscale or
   16-bit image its values, except that a mask holding only 0 and 255 (or 0 and 65535) is binary
   (-> 0/1). A JPEG mask (lossy) is read as binary: values above 127 are foreground.
+* NaN/inf pixels are an error naming the file and the count, unless a ``nan_policy`` says otherwise
+  ('zero': set to 0, 'ignore': passed on). A NaN in a mask is always an error.
+* What had to be guessed (alpha dropped, a channel conversion, a 0/255 or JPEG mask read as binary)
+  is noted in a :class:`Guesses` when one is given; ``Guesses(strict=True)`` refuses instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,14 @@ class DataError(ValueError):
 
 def _one_line(text):
     return " ".join(str(text).split())
+
+
+def show(names, limit=3):
+    """``a, b, c and 4 more``: a list of names for a one-line message."""
+    names = [str(n) for n in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def is_image_file(path) -> bool:
@@ -81,18 +90,102 @@ def _read_array(path):
             if mode == "P":
                 return np.asarray(im), "P"
             if mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16"):
-                if mode == "LA":
-                    im = im.convert("L")
-                if mode == "RGBA":
-                    im = im.convert("RGB")
-                return np.asarray(im), mode
-            return np.asarray(im.convert("RGB")), "RGB"
+                return np.asarray(im), mode  # alpha kept: the caller drops it and says so
+            return np.asarray(im.convert("RGB")), f"{mode}->RGB"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({_one_line(e)})") from None
 
 
-def read_image(path):
-    """The image at ``path`` as float32 (H, W, C), C = 1 or 3, in its stored value range."""
+NAN_POLICIES = ("error", "zero", "ignore")
+
+
+def check_nan_policy(nan_policy, name="nan_policy"):
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"{name} must be one of {', '.join(NAN_POLICIES)}; got {nan_policy!r}")
+    return nan_policy
+
+
+def count_nonfinite(array) -> int:
+    """How many values of ``array`` are NaN or +-inf (0 for integer arrays), without a full-size
+    temporary in the common all-finite case."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return 0
+    if np.isfinite(np.sum(array, dtype="float64")):  # float64 cannot overflow on float32 data
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def nonfinite_message(name, count, size):
+    return (
+        f"{name} holds {count} NaN/inf value(s) (of {size}); fix the data, or choose a NaN policy: "
+        "'zero' replaces them with 0, 'ignore' passes them on (nan_policy= / --nan-policy)"
+    )
+
+
+def apply_nan_policy(array, nan_policy="error", name="image", error=DataError):
+    """``array`` checked against ``nan_policy``: 'error' raises ``error`` naming ``name`` and the
+    count of bad values; 'zero' returns a copy with them replaced by 0; 'ignore' returns it as is."""
+    check_nan_policy(nan_policy)
+    if nan_policy == "ignore":
+        return array
+    count = count_nonfinite(array)
+    if count == 0:
+        return array
+    if nan_policy == "error":
+        raise error(nonfinite_message(name, count, np.asarray(array).size))
+    return np.where(np.isfinite(array), array, 0).astype(np.asarray(array).dtype)
+
+
+# ---------------------------------------------------------------------------------- guesses
+class GuessWarning(UserWarning):
+    """kunet had to guess something about the data (number of classes, a channel conversion, a
+    mask value mapping); the message says what."""
+
+
+class Guesses:
+    """What was guessed while reading data, one line per kind: "alpha channel dropped: 3 file(s)
+    (a.png, b.png, c.png)". With ``strict=True`` the first guess raises :class:`DataError` instead.
+
+    :func:`kunet.data.load_folder` and the ``kunet`` commands report them (the commands print them
+    even under ``--quiet``); ``emit()`` issues each line as a :class:`GuessWarning`.
+    """
+
+    def __init__(self, strict=False):
+        self.strict = bool(strict)
+        self._kinds = {}  # text -> [paths], in the order first seen
+
+    def note(self, path, text):
+        if self.strict:
+            where = f"{path}: " if path else ""
+            raise DataError(f"{where}{text}; refused under --strict (strict=True)")
+        self._kinds.setdefault(text, []).append(str(path))
+
+    def lines(self):
+        out = []
+        for text, paths in self._kinds.items():
+            names = [Path(p).name for p in paths]
+            out.append(f"{text}: {len(paths)} file(s) ({show(names)})" if paths[0] else text)
+        return out
+
+    def emit(self):
+        for line in self.lines():
+            warnings.warn(line, GuessWarning, stacklevel=3)
+
+
+def _note(guesses, path, text):
+    if guesses is not None:
+        guesses.note(path, text)
+
+
+def read_image(path, nan_policy="error", guesses=None):
+    """The image at ``path`` as float32 (H, W, C), C = 1 or 3, in its stored value range.
+
+    An alpha channel is dropped, and a palette (or CMYK, ...) image converted to RGB, each noted in
+    ``guesses`` (:class:`Guesses`). NaN/inf pixels (float TIFFs) follow ``nan_policy``: 'error'
+    (default) raises DataError naming the file and the count, 'zero' sets them to 0, 'ignore' keeps
+    them.
+    """
     path = Path(path)
     array, mode = _read_array(path)
     if mode == "P":
@@ -100,23 +193,26 @@ def read_image(path):
 
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"))
+    elif "->" in mode:
+        _note(guesses, path, f"{mode.split('->')[0]} image converted to RGB")
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
         raise DataError(
             f"{path}: expected a 2D grayscale or RGB image; got an array of shape {array.shape}"
         )
-    if array.shape[-1] == 2:  # gray + alpha
-        array = array[..., :1]
-    if array.shape[-1] == 4:  # RGBA
-        array = array[..., :3]
+    if array.shape[-1] in (2, 4):  # gray + alpha, RGBA
+        kind = "gray+alpha -> gray" if array.shape[-1] == 2 else "RGBA -> RGB"
+        _note(guesses, path, f"alpha channel dropped ({kind})")
+        array = array[..., :-1]
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise DataError(f"{path}: empty image")
-    return array.astype("float32")
+    return apply_nan_policy(array.astype("float32"), nan_policy, str(path))
 
 
-def read_mask(path):
-    """The mask at ``path`` as int32 (H, W) class indices (0/255 masks become 0/1)."""
+def read_mask(path, guesses=None):
+    """The mask at ``path`` as int32 (H, W) class indices (0/255 masks become 0/1, noted in
+    ``guesses``)."""
     path = Path(path)
     array, mode = _read_array(path)
     if array.ndim == 3:
@@ -131,9 +227,10 @@ def read_mask(path):
             )
     if array.ndim != 2:
         raise DataError(f"{path}: expected a 2D mask; got an array of shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating) and not (
-        np.all(np.isfinite(array)) and np.all(np.mod(array, 1) == 0)
-    ):
+    bad = count_nonfinite(array)
+    if bad:
+        raise DataError(f"{path}: mask holds {bad} NaN/inf value(s); masks hold class indices")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
         raise DataError(f"{path}: mask must hold integer class indices")
     if array.dtype == bool:
         array = array.astype("uint8")
@@ -141,42 +238,73 @@ def read_mask(path):
         raise DataError(f"{path}: mask has negative values (min {array.min()})")
     if path.suffix.lower() in (".jpg", ".jpeg"):
         # JPEG is lossy: label values blur. Read it as a binary mask (> half range = foreground).
+        _note(guesses, path, "JPEG mask read as binary (values above 127 -> 1)")
         return (array > 127).astype("int32")
     if mode != "P":
         values = np.unique(array)
         top = values.max(initial=0)
         if values.size <= 2 and top in (255, 65535) and values.min() in (0, top):
+            _note(guesses, path, f"mask values 0/{top} read as 0/1 (binary)")
             array = (array == top).astype("uint8")
     return array.astype("int32")
 
 
-def normalize(image):
+def normalize(image, nan_policy="error"):
     """Per-image normalization to roughly [0, 1]: (x - p1) / (p99 - p1) over all pixels and channels.
 
     Percentiles rather than min/max make it robust to a few hot pixels; it is the same for 8-bit,
     16-bit and float images, so a model trained on one bit depth predicts on another. A constant image
-    becomes all zeros.
+    becomes all zeros. NaN/inf pixels follow ``nan_policy``: 'error' (default) raises ValueError,
+    'zero' sets them to 0 in the result (the image's 1st-percentile level), 'ignore' leaves them
+    NaN/inf; either way the percentiles are taken over the finite pixels only.
     """
+    check_nan_policy(nan_policy)
     image = np.asarray(image, dtype="float32")
-    lo, hi = np.percentile(image, (1.0, 99.0))
-    if hi - lo < 1e-6:
-        hi2 = float(image.max())
-        lo = float(image.min())
-        hi = hi2 if hi2 > lo else lo + 1.0
-    return ((image - lo) / (hi - lo)).astype("float32")
+    bad = count_nonfinite(image)
+    if bad and nan_policy == "error":
+        raise ValueError(nonfinite_message("image", bad, image.size))
+    finite = image[np.isfinite(image)] if bad else image
+    if finite.size == 0:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = np.percentile(finite, (1.0, 99.0))
+        if hi - lo < 1e-6:
+            hi2 = float(finite.max())
+            lo = float(finite.min())
+            hi = hi2 if hi2 > lo else lo + 1.0
+    with np.errstate(invalid="ignore"):
+        out = ((image - lo) / (hi - lo)).astype("float32")
+    if bad and nan_policy == "zero":
+        out[~np.isfinite(out)] = 0.0
+    return out
 
 
-def to_channels(image, channels, path="image"):
-    """``image`` (H, W, C) with ``channels`` channels: gray -> RGB repeats, RGB -> gray luminance."""
+def to_channels(image, channels, path="image", guesses=None):
+    """``image`` (H, W, C) with ``channels`` channels: gray -> RGB repeats, RGB -> gray luminance
+    (each noted in ``guesses``)."""
     c = image.shape[-1]
     if c == channels:
         return image
     if c == 1 and channels == 3:
+        _note(
+            guesses, path, "gray image repeated to 3 channels (RGB model or RGB images beside it)"
+        )
         return np.repeat(image, 3, axis=-1)
     if c == 3 and channels == 1:
+        _note(guesses, path, "RGB image converted to gray (luminance) for a 1-channel model")
         weights = np.asarray([0.299, 0.587, 0.114], dtype="float32")
         return (image @ weights)[..., None].astype("float32")
     raise DataError(f"{path}: has {c} channels; the model expects {channels}")
+
+
+def load_image(path, channels=None, nan_policy="error", guesses=None):
+    """What training and prediction feed the model for the file ``path``: read, checked for NaN/inf
+    (``nan_policy``), converted to ``channels`` (None: as stored) and normalized (:func:`normalize`)."""
+    check_nan_policy(nan_policy)
+    image = read_image(path, "error" if nan_policy == "error" else "ignore", guesses)
+    if channels is not None:
+        image = to_channels(image, channels, path, guesses)
+    return normalize(image, nan_policy)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -251,94 +379,13 @@ def write_rgb(path, rgb):
     Image.fromarray(np.asarray(rgb, dtype="uint8"), mode="RGB").save(path)
 
 
-# ---------------------------------------------------------------------------------- outputs
-def check_writable(folder, what="output folder"):
-    """Create ``folder`` if needed and check a file can be written in it; DataError otherwise.
-
-    Returns True when the folder was created here (so a caller can remove it on failure).
-    """
-    folder = Path(folder)
-    created = False
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{what} {folder} exists and is not a folder")
-    if not folder.exists():
-        try:
-            folder.mkdir(parents=True)
-            created = True
-        except OSError as e:
-            raise DataError(
-                f"{what} {folder}: cannot create it ({_one_line(e.strerror)})"
-            ) from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".kunet-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise DataError(f"{what} {folder} is not writable ({_one_line(e.strerror)})") from None
-    return created
+_MOVED_TO_OUTPUTS = ("atomic_path", "atomic_write_bytes", "atomic_save_model", "check_writable")
 
 
-@contextlib.contextmanager
-def staged_outputs(folder, what="output folder"):
-    """Write outputs into a hidden staging folder inside ``folder``; move them in on success only.
+def __getattr__(name):
+    """The writing helpers moved to :mod:`kunet.outputs`; their old names here still work."""
+    if name in _MOVED_TO_OUTPUTS:
+        from kunet import outputs
 
-    On any exception the staging folder (and ``folder`` itself, when created here) is removed, so a
-    failed command leaves nothing partial behind.
-    """
-    folder = Path(folder)
-    created = check_writable(folder, what)
-    staging = Path(tempfile.mkdtemp(prefix=".kunet-staging-", dir=folder))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    for item in sorted(staging.rglob("*")):
-        if item.is_file():
-            target = folder / item.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(item, target)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask_mode():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path, suffix=None):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` (``os.replace``).
-
-    Whatever is written to the temporary path appears at ``path`` whole or not at all; on an
-    exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def atomic_save_model(model, path):
-    """``model.save(path)`` through a temporary ``.keras`` file and ``os.replace`` (no torn file)."""
-    with atomic_path(path, suffix=".keras") as tmp:
-        model.save(tmp)
+        return getattr(outputs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

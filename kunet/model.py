@@ -7,8 +7,9 @@ import inspect
 import keras
 import numpy as np
 
-from kunet import _eager, _fused, _validation, blocks
+from kunet import _eager, _fused, _validation, blocks, io
 from kunet._args import check_kwargs
+from kunet.callbacks import TerminateOnNonFinite
 from kunet.layers import CropLike, PadToMultiple
 
 
@@ -237,32 +238,78 @@ class UNet(keras.Model):
             self.optimizer.build(self.trainable_variables)  # so saved optimizer state loads
 
     # ------------------------------------------------------------------ input checks
-    def _check(self, x, y=None, where="x"):
-        _validation.check_data(
+    def _check(self, x, y=None, where="x", nan_policy="error"):
+        return _validation.check_data(
             x,
             y,
             channels=self.unet_input_shape[-1],
             num_classes=self.num_classes,
             input_shape=self.unet_input_shape,
             where=where,
+            nan_policy=nan_policy,
         )
 
-    def fit(self, x=None, y=None, *args, **kwargs):
-        self._check(x, y)
+    def _guard_inputs(self, nan_policy):
+        """Whether the training and evaluation steps check their images for NaN/inf (they do
+        unless ``nan_policy="ignore"``); re-traces the steps when that changes."""
+        guard = io.check_nan_policy(nan_policy) != "ignore"
+        if getattr(self, "_input_guard", True) != guard:
+            self.train_function = self.test_function = None
+        self._input_guard = guard
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' loss, made NaN when the batch's images hold NaN/inf (on every backend, whatever
+        its kernels do with NaN), so that :class:`kunet.callbacks.TerminateOnNonFinite` stops
+        training at that batch. Off under ``nan_policy="ignore"``."""
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if loss is not None and getattr(self, "_input_guard", True) and keras.ops.is_tensor(x):
+            finite = keras.ops.all(keras.ops.isfinite(x))
+            loss = keras.ops.where(finite, loss, keras.ops.cast(float("nan"), loss.dtype))
+        return loss
+
+    def fit(self, x=None, y=None, *args, nan_policy="error", **kwargs):
+        """Keras' ``fit``, after checking the data (shapes, channels, mask values, NaN/inf).
+
+        ``nan_policy``: images holding NaN/inf raise ValueError naming the first such index
+        ('error', default), have them replaced by 0 ('zero') or are passed on ('ignore'). Arrays are
+        checked whole, datasets on their first batch; later batches holding NaN/inf stop training at
+        that batch (:class:`kunet.callbacks.TerminateOnNonFinite`, added unless you pass it or
+        ``keras.callbacks.TerminateOnNaN`` yourself).
+        """
+        x = self._check(x, y, nan_policy=nan_policy)
         validation_data = kwargs.get("validation_data")
         if validation_data is not None:
             if isinstance(validation_data, (tuple, list)) and len(validation_data) >= 2:
-                self._check(validation_data[0], validation_data[1], where="validation_data")
+                vx = self._check(
+                    validation_data[0],
+                    validation_data[1],
+                    where="validation_data",
+                    nan_policy=nan_policy,
+                )
+                kwargs["validation_data"] = (vx, *validation_data[1:])
             else:
-                self._check(validation_data, where="validation_data")
+                self._check(validation_data, where="validation_data", nan_policy=nan_policy)
+        callbacks = kwargs.get("callbacks")
+        if callbacks is None or isinstance(callbacks, (list, tuple)):
+            callbacks = list(callbacks or [])
+            guards = (keras.callbacks.TerminateOnNaN, TerminateOnNonFinite)
+            if not any(isinstance(c, guards) for c in callbacks):
+                callbacks.insert(0, TerminateOnNonFinite())
+            kwargs["callbacks"] = callbacks
+        self._guard_inputs(nan_policy)
         return self._run("fit", x, y, *args, **kwargs)
 
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check(x, y)
+    def evaluate(self, x=None, y=None, *args, nan_policy="error", **kwargs):
+        """Keras' ``evaluate`` after the checks of :meth:`fit` (same ``nan_policy``)."""
+        if kwargs.get("_use_cached_eval_dataset"):  # fit's own validation pass: checked by fit
+            return self._run("evaluate", x, y, *args, **kwargs)
+        x = self._check(x, y, nan_policy=nan_policy)
+        self._guard_inputs(nan_policy)
         return self._run("evaluate", x, y, *args, **kwargs)
 
-    def predict(self, x, *args, **kwargs):
-        self._check(x)
+    def predict(self, x, *args, nan_policy="error", **kwargs):
+        """Keras' ``predict`` after the checks of :meth:`fit` (same ``nan_policy``)."""
+        x = self._check(x, nan_policy=nan_policy)
         return self._run("predict", x, *args, **kwargs)
 
     def _run(self, method, *args, **kwargs):

@@ -1,16 +1,16 @@
 """The folder workflow behind ``kunet train | predict | evaluate``: plain functions, usable from Python.
 
-``train`` fits a UNet on random augmented patches of a folder dataset and keeps, in its run folder:
+``train`` fits a UNet on random augmented patches of a folder dataset into a run folder (best.keras,
+last.keras, state.json, history.csv, history.png, overlays/; see :mod:`kunet.run_folder`, which
+keeps it consistent whenever the process stops: a kill, Ctrl-C, a full disk). ``predict`` writes a
+mask and an overlay per image, each published whole as soon as it is done. ``evaluate`` scores a
+model on a folder pair.
 
-    best.keras      the model with the best validation Dice so far (written atomically)
-    last.keras      the model after the latest epoch, optimizer state included (for --resume)
-    state.json      epochs done, best score and epoch, classes, channels, settings
-    history.csv     one row per epoch (Keras' CSVLogger)
-    history.png     loss and Dice curves, training and validation
-    overlays/       a few validation images: truth | prediction
-
-Bad input raises :class:`kunet.io.DataError` with a one-line message naming the file, before anything
-is written.
+Nothing is lost: bad input raises :class:`kunet.io.DataError` with a one-line message naming the
+file before anything is written; an output folder is never an input folder (or inside or around
+one); files already there are replaced only with ``overwrite=True``; NaN/inf pixels are refused
+unless ``nan_policy`` says otherwise; what had to be guessed about the data is reported (or refused
+with ``strict=True``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,36 @@ from __future__ import annotations
 import csv
 import gc
 import io
-import json
 import math
+import shutil
+import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from kunet import inference
+from kunet import _failpoints, inference
 from kunet import io as kio
+from kunet.callbacks import NonFiniteError, TerminateOnNonFinite
 from kunet.data import PatchDataset, TileDataset, load_folder, model_num_classes, split
-from kunet.io import DataError
+from kunet.io import DataError, Guesses
+from kunet.outputs import (
+    STAGING_PREFIX,
+    FolderLock,
+    SigintFlag,
+    atomic_path,
+    atomic_write_bytes,
+    check_existing,
+    check_separate,
+    check_writable,
+    clean_stale,
+    deferred_sigint,
+    finish,
+)
+from kunet.run_folder import RunFolder
 
 DEFAULT_FILTERS = (16, 32, 64, 128)
 DEFAULT_PATCH_SIZE = 128
@@ -43,7 +61,24 @@ DEFAULT_TILE_SIZE = 256
 BN_MOMENTUM = 0.9
 OVERLAYS = 4
 
-__all__ = ["train", "predict", "evaluate", "load_model", "AtomicCheckpoint", "TimeBudget"]
+__all__ = [
+    "train",
+    "predict",
+    "evaluate",
+    "load_model",
+    "Interrupted",
+    "RecordEpochs",
+    "TimeBudget",
+]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``train`` or ``predict`` at a safe point; ``str()`` says where, and the
+    folder is consistent (``train``: resume it; ``predict``: the files written are complete)."""
+
+    def __init__(self, message, epoch=None):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -70,16 +105,17 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped = True
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Each epoch end: ``last.keras``, ``best.keras`` when ``monitor`` improved (mode max), and
-    ``state.json`` in ``run_dir``, every file written to a temporary name then ``os.replace``d.
+class RecordEpochs(keras.callbacks.Callback):
+    """Each epoch end: one history row, the best score (``monitor``, mode max) and the checkpoints,
+    committed to the :class:`kunet.run_folder.RunFolder` as one unit.
 
-    Keras' ``ModelCheckpoint`` writes in place, so an interrupted save can leave a torn file.
+    Keras' ``CSVLogger`` and ``ModelCheckpoint`` write their files one after the other and in place,
+    so a kill between (or during) them left a history row the state did not cover, or a torn file.
     """
 
-    def __init__(self, run_dir, state, monitor="val_dice"):
+    def __init__(self, run, state, monitor="val_dice"):
         super().__init__()
-        self.run_dir = Path(run_dir)
+        self.run = run
         self.state = state
         self.monitor = monitor
 
@@ -88,16 +124,40 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         score = logs.get(self.monitor)
         score = float(score) if score is not None and math.isfinite(float(score)) else None
         best = self.state.get("best_score")
-        if score is not None and (best is None or score > best):
-            kio.atomic_save_model(self.model, self.run_dir / "best.keras")
-            self.state.update(best_score=score, best_epoch=epoch + 1)
-        kio.atomic_save_model(self.model, self.run_dir / "last.keras")
+        improved = score is not None and (best is None or score > best)
+        self.state["history"].append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         self.state["epoch"] = epoch + 1
-        write_json(self.run_dir / "state.json", self.state)
+        if improved:
+            self.state.update(best_score=score, best_epoch=epoch + 1)
+        self.run.commit(self.model, self.state, improved=improved)
 
 
-def write_json(path, obj):
-    kio.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+class _StopOnSigint(keras.callbacks.Callback):
+    """Raises :class:`Interrupted` before the next batch (training or validation) once Ctrl-C was
+    pressed (``flag.raised``), and after the epoch's commit when it came during one."""
+
+    def __init__(self, flag, state):
+        super().__init__()
+        self.flag = flag
+        self.state = state
+
+    def _check(self, *args, **kwargs):
+        if self.flag.raised:
+            raise _interrupted(self.state)
+
+    on_train_batch_begin = on_test_batch_begin = on_epoch_end = _check
+
+
+def _interrupted(state):
+    done = state["epoch"]
+    return Interrupted(f"interrupted at epoch {done + 1} ({done} epoch(s) saved)", done)
+
+
+class _Failpoints(keras.callbacks.Callback):
+    """The per-batch failpoint of the fault-injection tests (added only when they are on)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        _failpoints.reached("train:batch")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -108,6 +168,11 @@ def load_model(path):
         raise DataError(f"{path}: no such model file")
     if path.suffix != ".keras":
         raise DataError(f"{path}: expected a .keras model file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .keras file (a .keras model is a zip archive; this is not)")
+    with zipfile.ZipFile(path) as archive:
+        if "config.json" not in archive.namelist():
+            raise DataError(f"{path}: not a .keras file (the zip archive has no config.json)")
     import kunet  # noqa: F401 - registers kunet's serializable classes
 
     try:
@@ -134,17 +199,28 @@ def predict_labels(model, image, tile_size=None, tta=False, batch_size=4):
     """Class indices (H, W) for a normalized image, tiled when it is larger than a tile."""
     tile = _tile_for(model, tile_size)
     if image.shape[0] <= tile and image.shape[1] <= tile:
-        probs = inference.predict_image(model, image, tta=tta)
+        probs = inference.predict_image(model, image, tta=tta, nan_policy="ignore")
     else:
         probs = inference.predict_tiled(
-            model, image, tile_size=tile, overlap=0.5, batch_size=batch_size, tta=tta
-        )
+            model, image, tile_size=tile, overlap=0.5, batch_size=batch_size, tta=tta,
+            nan_policy="ignore",
+        )  # fmt: skip
     return inference.to_labels(probs)
 
 
 def _say(verbose, *parts):
     if verbose:
         print(*parts, flush=True)
+
+
+def _note(line):
+    """What kunet guessed or repaired: said even under --quiet (standard error)."""
+    print(f"kunet: note: {line}", file=sys.stderr, flush=True)
+
+
+def _input_folder(path):
+    path = Path(path)
+    return path if path.is_dir() else path.parent
 
 
 # ---------------------------------------------------------------------------------- train
@@ -161,15 +237,26 @@ def train(
     val_split=0.2,
     seed=0,
     resume=False,
+    overwrite=False,
     filters=DEFAULT_FILTERS,
     patches_per_epoch=None,
+    nan_policy="error",
+    strict=False,
     verbose=1,
 ):
     """Train a UNet on the ``images``/``masks`` folders into the run folder ``out``.
 
     ``epochs`` is the total number of epochs of the run (a resumed run continues up to it).
     ``time_budget`` (seconds, from the call) stops training early, keeping the best checkpoint.
-    Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths).
+    ``resume`` continues the run in ``out``; without it a folder already holding a run is refused
+    unless ``overwrite`` (then that run's files are replaced). ``nan_policy``: NaN/inf pixels are an
+    error ('error'), set to 0 ('zero') or passed on ('ignore'). ``strict``: refuse to guess (the
+    number of classes, channel conversions, 0/255 masks) instead of saying what was guessed.
+
+    Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths). Raises
+    :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, with the run folder consistent and
+    resumable, and :class:`kunet.callbacks.NonFiniteError` when the loss or the weights became
+    NaN/inf (the folder keeps the last good epoch).
     """
     start = time.monotonic()
     for name, value in (("epochs", epochs), ("patch_size", patch_size), ("batch_size", batch_size)):
@@ -177,35 +264,82 @@ def train(
             raise DataError(f"{name} must be >= 1; got {value}")
     if time_budget is not None and time_budget <= 0:
         raise DataError(f"time budget must be > 0 seconds; got {time_budget}")
-    out = Path(out)
-    state = None
-    if resume:
-        state_path = out / "state.json"
-        for needed in (state_path, out / "last.keras"):
-            if not needed.is_file():
-                raise DataError(f"{needed}: not found; nothing to resume (train without --resume)")
-        try:
-            state = json.loads(state_path.read_text())
-            state["epoch"] = int(state["epoch"])
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{state_path}: not a kunet run state file") from None
-        if num_classes is not None and model_num_classes(num_classes) != model_num_classes(
-            state["num_classes"]
-        ):
-            raise DataError(
-                f"{state_path}: the run has {state['num_classes']} classes, not {num_classes}"
-            )
-        num_classes = state["num_classes"]
-    elif (out / "state.json").exists() or (out / "best.keras").exists():
+    if resume and overwrite:
         raise DataError(
-            f"{out} already holds a run (state.json / best.keras); pass --resume to continue it "
-            "or choose another output folder"
+            "--resume continues the run in the folder, --overwrite replaces it: not both"
         )
-
+    kio.check_nan_policy(nan_policy)
+    out = Path(out)
+    check_separate(out, [("images", images), ("masks", masks)], "run folder")
+    run = RunFolder(out)
+    state = run.read_state() if resume else None  # read-only here; again under the lock
+    if resume and state is None:
+        if run.started_before():
+            raise DataError(
+                f"{out}: the earlier run stopped before its first checkpoint (no state.json); "
+                "start it again without --resume"
+            )
+        raise DataError(f"{out}: no kunet run to resume (no state.json); train without --resume")
+    if not resume and run.holds_run() and not overwrite:
+        _refuse_run(out, run)
+    if (
+        resume
+        and num_classes is not None
+        and model_num_classes(num_classes) != model_num_classes(state["num_classes"])
+    ):
+        raise DataError(
+            f"{run.state_path}: the run has {state['num_classes']} classes, not {num_classes}"
+        )
+    guesses = Guesses(strict)
     data = load_folder(
-        images, masks, num_classes=num_classes, channels=state["channels"] if state else None
+        images,
+        masks,
+        num_classes=state["num_classes"] if state else num_classes,
+        channels=state["channels"] if state else None,
+        nan_policy=nan_policy,
+        guesses=guesses,
     )
-    kio.check_writable(out, "run folder")
+    created = check_writable(out, "run folder")
+    try:
+        with FolderLock(out, "run folder"):
+            for line in run.recover():
+                _note(f"{out}: {line}")
+            if resume:
+                state = run.read_state()
+                problems = run.problems()
+                if problems:
+                    raise DataError(f"{out}: cannot resume: {'; '.join(problems)}")
+            elif run.holds_run():
+                if not overwrite:
+                    _refuse_run(out, run)
+                _note(
+                    f"--overwrite: removed {run.remove_run()} file(s) of the earlier run in {out}"
+                )
+            for line in guesses.lines():  # after every check: an error is the only line printed
+                _note(line)
+            return _train_locked(
+                run, data, state, start, epochs=epochs, time_budget=time_budget,
+                patch_size=patch_size, batch_size=batch_size, val_split=val_split, seed=seed,
+                filters=filters, patches_per_epoch=patches_per_epoch, nan_policy=nan_policy,
+                verbose=verbose,
+            )  # fmt: skip
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # nothing was committed: leave no empty folder behind
+
+
+def _refuse_run(out, run):
+    raise DataError(
+        f"{out} already holds a run ({kio.show(run.holds_run())}); pass --resume to continue "
+        "it, --overwrite to replace it, or choose another output folder"
+    )
+
+
+def _train_locked(
+    run, data, state, start, *, epochs, time_budget, patch_size, batch_size, val_split, seed,
+    filters, patches_per_epoch, nan_policy, verbose,
+):  # fmt: skip
+    out = run.path
     keras.utils.set_random_seed(seed)
     train_samples, val_samples = split(data.samples, val_split, seed)
     if state is not None:  # resume: keep the run's own validation images when they are all there
@@ -214,7 +348,8 @@ def train(
         if held_out and all(name in by_name for name in held_out):
             val_samples = [by_name[name] for name in held_out]
             train_samples = [s for s in data.samples if s.name not in set(held_out)] or val_samples
-    if state is None:
+        model = load_model(out / "last.keras")
+    else:
         from kunet.model import UNet
 
         model = UNet(
@@ -236,9 +371,12 @@ def train(
             "seed": int(seed),
             "train_images": [s.name for s in train_samples],
             "val_images": [s.name for s in val_samples],
+            "history": [],
         }
-    else:
-        model = load_model(out / "last.keras")
+        # Epoch 0: a run killed in its first epoch resumes from here. The optimizer is built first
+        # so that its (zero) state is saved too and loads without Keras' "skipping variables".
+        model.optimizer.build(model.trainable_variables)
+        run.commit(model, state)
     initial_epoch = state["epoch"]
     _say(
         verbose,
@@ -261,25 +399,43 @@ def train(
     val_ds = TileDataset(val_samples, data.num_classes, patch_size, batch_size)
 
     budget = TimeBudget(time_budget, start=start) if time_budget else None
-    callbacks = [
-        keras.callbacks.CSVLogger(str(out / "history.csv"), append=initial_epoch > 0),
-        AtomicCheckpoint(out, state),
-    ]
-    if budget is not None:
-        callbacks.append(budget)
-    if initial_epoch < epochs:
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
-        # An epoch cut short by the time budget leaves a data iterator alive; collect it now, not
-        # at interpreter exit (where TensorFlow logs an error finalizing it).
-        gc.collect()
-    plot_history(out / "history.csv", out / "history.png")
+    stop = None
+    with SigintFlag() as flag:
+        # The NaN guard first: an epoch whose weights went NaN is never committed.
+        callbacks = [TerminateOnNonFinite(), RecordEpochs(run, state), _StopOnSigint(flag, state)]
+        if budget is not None:
+            callbacks.append(budget)
+        if _failpoints.active():
+            callbacks.append(_Failpoints())
+        try:
+            if initial_epoch < epochs:
+                model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=epochs,
+                    initial_epoch=initial_epoch,
+                    callbacks=callbacks,
+                    verbose=verbose,
+                    # PatchDataset orders each epoch from (seed, epoch); Keras' own shuffle of the
+                    # batch order draws from Python's global RNG, which a resumed run cannot replay
+                    shuffle=False,
+                    # 'zero' was applied when the images were read
+                    nan_policy="ignore" if nan_policy == "ignore" else "error",
+                )
+        except KeyboardInterrupt:  # Interrupted at a safe point, or a second Ctrl-C
+            stop = _interrupted(state)
+        except NonFiniteError as e:
+            stop = NonFiniteError(
+                f"{e}; {out} keeps the last good epoch ({state['epoch']}): resume it with a "
+                "lower learning rate or fix the data"
+            )
+        finally:
+            # An epoch cut short leaves a data iterator alive; collect it now, not at interpreter
+            # exit (where TensorFlow logs an error finalizing it).
+            gc.collect()
+    if isinstance(stop, Interrupted) and verbose:
+        print(flush=True)  # end the progress bar's line
+    plot_history(state["history"], out / "history.png")
     if (out / "best.keras").is_file():
         best = load_model(out / "best.keras")
         write_overlays(best, val_samples[:OVERLAYS], data.num_classes, out / "overlays")
@@ -298,6 +454,8 @@ def train(
         + f"; best validation Dice {_fmt(summary['best_val_dice'])} at epoch "
         f"{summary['best_epoch']} -> {summary['best_model']}",
     )
+    if stop is not None:
+        raise stop
     return summary
 
 
@@ -305,9 +463,9 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def plot_history(csv_path, png_path):
-    """Loss and Dice per epoch (training and validation) from a CSVLogger file; skipped without
-    matplotlib or history."""
+def plot_history(rows, png_path):
+    """Loss and Dice per epoch (training and validation) from history rows (dicts, or the path of a
+    history CSV); skipped without matplotlib or history."""
     try:
         import matplotlib
 
@@ -315,10 +473,11 @@ def plot_history(csv_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    if not Path(csv_path).is_file():
-        return False
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    if isinstance(rows, (str, Path)):
+        if not Path(rows).is_file():
+            return False
+        with open(rows, newline="") as f:
+            rows = list(csv.DictReader(f))
     if not rows:
         return False
     epochs = [int(r["epoch"]) + 1 for r in rows]
@@ -336,7 +495,7 @@ def plot_history(csv_path, png_path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    kio.atomic_write_bytes(png_path, buffer.getvalue())
+    atomic_write_bytes(png_path, buffer.getvalue())
     return True
 
 
@@ -349,17 +508,34 @@ def write_overlays(model, samples, num_classes, folder):
         truth = kio.overlay(s.image, s.mask, num_classes)
         guess = kio.overlay(s.image, pred, num_classes)
         gap = np.full((truth.shape[0], 4, 3), 255, dtype="uint8")
-        kio.write_rgb(folder / f"{s.name}.png", np.concatenate([truth, gap, guess], axis=1))
+        with atomic_path(folder / f"{s.name}.png") as tmp:
+            kio.write_rgb(tmp, np.concatenate([truth, gap, guess], axis=1))
 
 
 # ---------------------------------------------------------------------------------- predict
-def predict(model_path, images, out, *, tile_size=None, tta=False, verbose=1):
+def predict(
+    model_path,
+    images,
+    out,
+    *,
+    tile_size=None,
+    tta=False,
+    overwrite=False,
+    nan_policy="error",
+    strict=False,
+    verbose=1,
+):
     """Write ``<stem>.png`` (class-index palette PNG) and ``<stem>_overlay.png`` for each image.
 
-    ``images`` is a folder or one file. Outputs appear only when every image succeeded.
-    Returns the list of mask paths written.
+    ``images`` is a folder or one file. Every image is read and checked before the first
+    prediction, so bad input leaves nothing behind; then each image's two files are published
+    (renamed into ``out``) as soon as they are done, and only then printed, so a run stopped by a
+    kill or Ctrl-C leaves complete files only. ``out`` must not be, be inside or contain the images'
+    folder, and files already there are replaced only with ``overwrite``. ``nan_policy`` and
+    ``strict`` as in :func:`train`. Returns the list of mask paths written.
     """
     images = Path(images)
+    out = Path(out)
     if images.is_dir():
         files = kio.list_images(images, "images")
     elif images.is_file():
@@ -368,48 +544,93 @@ def predict(model_path, images, out, *, tile_size=None, tta=False, verbose=1):
         files = [images]
     else:
         raise DataError(f"{images}: no such file or folder")
-    outputs = {}
+    check_separate(out, [("images", _input_folder(images))], "output folder")
+    names = {}
     for f in files:
         for name in (f"{f.stem}.png", f"{f.stem}_overlay.png"):
-            if name in outputs:
-                raise DataError(f"{outputs[name]} and {f} would both write {Path(out) / name}")
-            outputs[name] = f
+            if name in names:
+                raise DataError(f"{names[name]} and {f} would both write {out / name}")
+            names[name] = f
     if tile_size is not None and int(tile_size) < 1:
         raise DataError(f"tile size must be >= 1; got {tile_size}")
+    if out.is_dir():  # fail fast; checked again under the lock
+        check_existing(out, list(names), overwrite)
     model = load_model(model_path)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
+    guesses = Guesses(strict)
+    for f in files:  # every image is read and checked before any work
+        kio.load_image(f, channels, nan_policy, guesses)
+    created = check_writable(out)
     written = []
-    with kio.staged_outputs(out) as staging:
-        for f in files:
-            image = kio.normalize(kio.to_channels(kio.read_image(f), channels, f))
-            labels = predict_labels(model, image, tile_size=tile_size, tta=tta)
-            kio.write_mask(staging / f"{f.stem}.png", labels, num_classes)
-            kio.write_rgb(
-                staging / f"{f.stem}_overlay.png", kio.overlay(image, labels, num_classes)
-            )
-            fractions = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
-            _say(
-                verbose,
-                f"{f} -> {Path(out) / (f.stem + '.png')} ({labels.shape[1]}x{labels.shape[0]}, "
-                f"foreground {1 - fractions[0]:.1%})",
-            )
-            written.append(Path(out) / f"{f.stem}.png")
+    try:
+        with FolderLock(out):
+            removed = clean_stale(out)
+            if removed:
+                _note(f"{out}: removed {len(removed)} temporary file(s) of an interrupted run")
+            replaced = set(check_existing(out, list(names), overwrite))
+            for line in guesses.lines():
+                _note(line)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            try:
+                for f in files:
+                    image = kio.load_image(f, channels, nan_policy)
+                    labels = predict_labels(model, image, tile_size=tile_size, tta=tta)
+                    mask, over = f"{f.stem}.png", f"{f.stem}_overlay.png"
+                    kio.write_mask(staging / mask, labels, num_classes)
+                    kio.write_rgb(staging / over, kio.overlay(image, labels, num_classes))
+                    _failpoints.reached("predict:staged")
+                    with deferred_sigint():  # the overlay, then the mask: published as a pair
+                        for name in (over, mask):
+                            _publish(staging / name, out / name)
+                    written.append(out / mask)
+                    fractions = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
+                    _say(
+                        verbose,
+                        f"{f} -> {out / mask} ({labels.shape[1]}x{labels.shape[0]}, "
+                        f"foreground {1 - fractions[0]:.1%})",
+                    )
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"interrupted after {len(written)} of {len(files)} image(s); the files "
+                    f"written to {out} are complete"
+                ) from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                done = {n for p in written for n in (p.name, f"{p.stem}_overlay.png")}
+                if replaced & done:
+                    _note(f"--overwrite: replaced {len(replaced & done)} existing file(s) in {out}")
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()
     return written
 
 
+def _publish(source, target):
+    finish(source, target)
+    _failpoints.reached(f"predict:published:{target.name}")
+
+
 # ---------------------------------------------------------------------------------- evaluate
-def evaluate(model_path, images, masks, *, tile_size=None, tta=False):
+def evaluate(model_path, images, masks, *, tile_size=None, tta=False, nan_policy="error",
+             strict=False):  # fmt: skip
     """Dice and IoU per class over every pixel of the folder, and their foreground means.
 
     Returns ``{"dice": {class: score}, "iou": {...}, "mean_dice": .., "mean_iou": .., "images": n,
     "num_classes": K, "per_image_dice": {name: foreground Dice}}``; means are over classes
     1..K-1. A class absent from both truth and prediction scores 1.0 (as in :mod:`kunet.metrics`).
+    ``nan_policy`` and ``strict`` as in :func:`train`.
     """
     model = load_model(model_path)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
-    data = load_folder(images, masks, num_classes=num_classes, channels=channels)
+    guesses = Guesses(strict)
+    data = load_folder(
+        images, masks, num_classes=num_classes, channels=channels, nan_policy=nan_policy,
+        guesses=guesses,
+    )  # fmt: skip
+    for line in guesses.lines():
+        _note(line)
     totals = np.zeros((3, num_classes))  # tp, fp, fn per class
     per_image = {}
     for s in data.samples:

@@ -341,7 +341,8 @@ def test_bad_predict_and_evaluate_inputs(trained, tmp_path, capsys):
         capsys,
         ["evaluate", "--model", model, "--images", images, "--masks", wrong],
         "wrong_masks/im0.png",
-        "label 2",
+        "values 0, 2",
+        "binary",
     )
     (wrong / "im4.png").unlink()
     _fails(capsys, ["evaluate", "--model", model, "--images", images, "--masks", wrong], "im4.png")
@@ -366,7 +367,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 
 def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
-    from kunet.io import atomic_save_model
+    from kunet.outputs import atomic_save_model
 
     class Broken:
         def save(self, path):

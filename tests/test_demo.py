@@ -60,6 +60,22 @@ def test_demo_writes_only_the_model_and_the_figure(tiny_run):
     assert sorted(os.listdir(out)) == ["demo.png", "model.keras"]  # no partial files left
 
 
+def test_demo_replaces_its_outputs_only_with_overwrite(tiny_run, tmp_path, capsys):
+    _, _, out = tiny_run
+    copy = tmp_path / "demo"
+    copy.mkdir()
+    before = {}
+    for name in ("model.keras", "demo.png"):
+        before[name] = (out / name).read_bytes()
+        (copy / name).write_bytes(before[name])
+    assert cli.main(["demo", "--out", str(copy), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds 2 of the 2 files" in err[0] and "--overwrite" in err[0]
+    assert {n: (copy / n).read_bytes() for n in before} == before
+    assert cli.main(["demo", "--out", str(copy), *TINY, "--overwrite", "--seed", "1"]) == 0
+    assert (copy / "model.keras").read_bytes() != before["model.keras"]
+
+
 def test_saved_model_loads_and_predicts(tiny_run):
     _, _, out = tiny_run
     model = keras.models.load_model(os.path.join(out, "model.keras"))
