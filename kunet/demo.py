@@ -24,9 +24,15 @@ import numpy as np
 
 from kunet import synthetic
 from kunet.cli import _positive_int
-from kunet.io import DataError
 from kunet.model import UNet
-from kunet.outputs import atomic_path, atomic_save_model, check_existing
+from kunet.outputs import (
+    FolderLock,
+    atomic_path,
+    atomic_save_model,
+    check_existing,
+    check_writable,
+    clean_stale,
+)
 
 DEFAULTS = {
     "out": "kunet_demo",
@@ -225,15 +231,22 @@ def _start_time():
 
 
 def run(args) -> int:
-    """Generate data, train, report the validation Dice, save the model and the figure."""
+    """Generate data, train, report the validation Dice, save the model and the figure.
+
+    ``--out`` is checked first: files already there with the demo's names are replaced only with
+    ``--overwrite``, and temporary files of an earlier, killed demo are removed.
+    """
     start = _start_time()
-    backend = keras.backend.backend()
-    if os.path.isdir(args.out):
+    check_writable(args.out, "--out folder")
+    with FolderLock(args.out, "--out folder"):
+        clean_stale(args.out)
         check_existing(args.out, OUTPUTS, getattr(args, "overwrite", False), "--out folder")
-    elif os.path.exists(args.out):
-        raise DataError(f"--out {args.out} exists and is not a folder")
+        return _run(args, start)
+
+
+def _run(args, start):
+    backend = keras.backend.backend()
     keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
 
     print(
         f"kunet demo: backend {backend}, {args.samples} + {args.val_samples} synthetic "

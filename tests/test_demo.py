@@ -72,8 +72,10 @@ def test_demo_replaces_its_outputs_only_with_overwrite(tiny_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds 2 of the 2 files" in err[0] and "--overwrite" in err[0]
     assert {n: (copy / n).read_bytes() for n in before} == before
+    (copy / ".kunet-tmp-model-x1y2z3.keras").write_bytes(b"left by a killed demo")
     assert cli.main(["demo", "--out", str(copy), *TINY, "--overwrite", "--seed", "1"]) == 0
     assert (copy / "model.keras").read_bytes() != before["model.keras"]
+    assert sorted(os.listdir(copy)) == ["demo.png", "model.keras"]  # the stale temporary is gone
 
 
 def test_saved_model_loads_and_predicts(tiny_run):
