@@ -86,6 +86,23 @@ def test_tiled_matches_whole_image_prediction_away_from_the_borders():
     assert to_labels(tiled).shape == (96, 128)
 
 
+def test_whole_image_prediction_mirrors_odd_sizes_instead_of_zero_padding():
+    """A side that is not a multiple of 2**depth is mirrored up, not zero-padded by the graph: the
+    network sees image content at the border, as it did in training, and the whole-image and
+    tiled paths agree (both mirror)."""
+    model = kunet.UNet(num_classes=1, filters=(4, 8), input_shape=(None, None, 1))
+    image = np.random.default_rng(3).random((30, 29, 1)).astype("float32") + 1.0  # far from 0
+    whole = predict_image(model, image, activation=None)
+    assert whole.shape == (30, 29, 1)
+    mirrored = np.pad(image, ((0, 2), (0, 3), (0, 0)), mode="reflect")  # up to 32 x 32
+    expected = np.asarray(model.predict_on_batch(mirrored[None]))[0, :30, :29]
+    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-5)
+    zero_padded = np.asarray(model.predict_on_batch(image[None]))[0]  # the graph's own padding
+    assert np.abs(zero_padded - whole).max() > 1e-3  # (so the test can tell the two apart)
+    tiled = predict_tiled(model, image, tile_size=32, activation=None)
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_tta_averages_flips_and_keeps_the_shape():
     model = kunet.UNet(num_classes=1, filters=(4, 8), input_shape=(None, None, 1))
     image = np.random.default_rng(2).random((40, 40, 1)).astype("float32")
