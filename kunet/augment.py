@@ -121,6 +121,26 @@ class Augment:
         """An Augment that only crops (every transform off)."""
         return cls(False, False, None, 0.0, brightness=0.0, contrast=None, gamma=None)
 
+    LEVELS = ("none", "light", "medium", "heavy")
+
+    @classmethod
+    def level(cls, name):
+        """A named strength (what a plan's ``augmentation`` setting names): ``none`` (crops only),
+        ``light`` (flips and 90-degree rotations), ``medium`` (+ mild zoom and intensity changes),
+        ``heavy`` (+ wider zoom, elastic deformation, stronger intensity changes: the defaults)."""
+        if name == "none":
+            return cls.none()
+        if name == "light":
+            return cls(scale=None, elastic=0.0, brightness=0.0, contrast=None, gamma=None)
+        if name == "medium":
+            return cls(
+                scale=(0.9, 1.1), elastic=0.0, brightness=0.05, contrast=(0.9, 1.1),
+                gamma=(0.85, 1.2),
+            )  # fmt: skip
+        if name == "heavy":
+            return cls()
+        raise ValueError(f"augmentation must be one of {', '.join(cls.LEVELS)}; got {name!r}")
+
     # ------------------------------------------------------------------ geometry
     def coordinates(self, image_shape, size, rng, centre=None):
         """Sampling coordinates (ys, xs), each (h, w), of one random output patch of ``size``.

@@ -34,6 +34,7 @@ from kunet.io import (
     DataError,
     Guesses,
     check_nan_policy,
+    image_dtype,
     list_images,
     normalize,
     read_image,
@@ -72,6 +73,7 @@ class Sample:
     mask_path: Path | None
     image: np.ndarray
     mask: np.ndarray | None
+    raw: str | None = None  # the stored image's pixel type ("uint8", "uint16", ...)
 
 
 @dataclass
@@ -83,10 +85,20 @@ class FolderData:
     num_classes: int
     channels: int
     notes: list = field(default_factory=list)  # what was guessed, one line per kind
+    normalized: str | None = None  # the normalization applied, None: images as stored
 
     @property
     def model_num_classes(self):
         return model_num_classes(self.num_classes)
+
+    def normalize(self, method="percentile", value_range=None, nan_policy="error"):
+        """Normalize every sample's image in place (:func:`kunet.io.normalize`); once only."""
+        if self.normalized:
+            raise ValueError(f"the images are normalized already ({self.normalized})")
+        for s in self.samples:
+            s.image = normalize(s.image, nan_policy, method, value_range)
+        self.normalized = method
+        return self
 
 
 def pair_files(images, masks):
@@ -114,7 +126,15 @@ def pair_files(images, masks):
 
 
 def load_folder(
-    images, masks, *, num_classes=None, channels=None, nan_policy="error", guesses=None
+    images,
+    masks,
+    *,
+    num_classes=None,
+    channels=None,
+    nan_policy="error",
+    guesses=None,
+    normalization="percentile",
+    value_range=None,
 ):
     """Read and check every pair of ``images``/``masks``; returns a :class:`FolderData`.
 
@@ -129,6 +149,9 @@ def load_folder(
             alpha dropped, channel conversions, 0/255 masks; ``Guesses(strict=True)`` refuses them).
             None: each kind is issued once as a :class:`kunet.io.GuessWarning`. The lines are also
             in the result's ``notes``.
+        normalization: how each image is normalized (:func:`kunet.io.normalize`'s ``method``,
+            with ``value_range`` for "dataset"); None: kept as stored, to normalize later with
+            :meth:`FolderData.normalize` (once a plan has chosen how).
     """
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
@@ -140,11 +163,12 @@ def load_folder(
     if num_classes == 1:
         num_classes = 2
     pairs = pair_files(images, masks)
-    raw = []
+    raw, dtypes = [], {}
     largest, largest_path = 0, None
     for stem, image_path, mask_path in pairs:
         _failpoints.reached("data:read")
         image = read_image(image_path, "error" if nan_policy == "error" else "ignore", guesses)
+        dtypes[stem] = image_dtype(image_path)
         mask = read_mask(mask_path, guesses)
         if image.shape[:2] != mask.shape:
             raise DataError(
@@ -182,12 +206,15 @@ def load_folder(
     if channels is None:
         channels = 3 if any(r[3].shape[-1] == 3 for r in raw) else 1
     samples = [
-        Sample(stem, ip, mp, normalize(to_channels(image, channels, ip, guesses), nan_policy), mask)
+        Sample(stem, ip, mp, to_channels(image, channels, ip, guesses), mask, raw=dtypes[stem])
         for stem, ip, mp, image, mask in raw
     ]
     if warn:
         guesses.emit()
-    return FolderData(samples, num_classes, channels, guesses.lines())
+    data = FolderData(samples, num_classes, channels, guesses.lines())
+    if normalization is not None:
+        data.normalize(normalization, value_range, nan_policy)
+    return data
 
 
 def _values(values, limit=6):

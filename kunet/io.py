@@ -249,23 +249,42 @@ def read_mask(path, guesses=None):
     return array.astype("int32")
 
 
-def normalize(image, nan_policy="error"):
-    """Per-image normalization to roughly [0, 1]: (x - p1) / (p99 - p1) over all pixels and channels.
+NORMALIZATIONS = ("percentile", "zscore", "dataset")
 
+
+def normalize(image, nan_policy="error", method="percentile", value_range=None):
+    """Normalization of one image, over all its pixels and channels.
+
+    ``method="percentile"`` (default): (x - p1) / (p99 - p1) of this image, roughly [0, 1].
     Percentiles rather than min/max make it robust to a few hot pixels; it is the same for 8-bit,
-    16-bit and float images, so a model trained on one bit depth predicts on another. A constant image
-    becomes all zeros. NaN/inf pixels follow ``nan_policy``: 'error' (default) raises ValueError,
-    'zero' sets them to 0 in the result (the image's 1st-percentile level), 'ignore' leaves them
-    NaN/inf; either way the percentiles are taken over the finite pixels only.
+    16-bit and float images, so a model trained on one bit depth predicts on another. A constant
+    image becomes all zeros. ``method="zscore"``: clipped to the 0.5-99.5th percentiles, then
+    (x - mean) / std of this image. ``method="dataset"``: (x - lo) / (hi - lo) with the same
+    ``value_range=(lo, hi)`` for every image (a dataset's 1st and 99th percentiles), which keeps
+    the intensities of tiles from one scene comparable. NaN/inf pixels follow ``nan_policy``:
+    'error' (default) raises ValueError, 'zero' sets them to 0 in the result, 'ignore' leaves them
+    NaN/inf; either way the statistics are taken over the finite pixels only.
     """
     check_nan_policy(nan_policy)
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"method must be one of {', '.join(NORMALIZATIONS)}; got {method!r}")
+    if method == "dataset" and (value_range is None or len(value_range) != 2):
+        raise ValueError("method='dataset' needs value_range=(lo, hi)")
     image = np.asarray(image, dtype="float32")
     bad = count_nonfinite(image)
     if bad and nan_policy == "error":
         raise ValueError(nonfinite_message("image", bad, image.size))
     finite = image[np.isfinite(image)] if bad else image
-    if finite.size == 0:
+    if method == "dataset":
+        lo, hi = float(value_range[0]), float(value_range[1])
+        hi = hi if hi > lo else lo + 1.0
+    elif finite.size == 0:
         lo, hi = 0.0, 1.0
+    elif method == "zscore":
+        clip = np.percentile(finite, (0.5, 99.5))
+        clipped = np.clip(finite, *clip)
+        lo, hi = float(clipped.mean()), float(clipped.mean() + max(clipped.std(), 1e-6))
+        image = np.clip(image, *clip)
     else:
         lo, hi = np.percentile(finite, (1.0, 99.0))
         if hi - lo < 1e-6:
@@ -297,14 +316,37 @@ def to_channels(image, channels, path="image", guesses=None):
     raise DataError(f"{path}: has {c} channels; the model expects {channels}")
 
 
-def load_image(path, channels=None, nan_policy="error", guesses=None):
+def load_image(
+    path, channels=None, nan_policy="error", guesses=None, normalization="percentile",
+    value_range=None,
+):  # fmt: skip
     """What training and prediction feed the model for the file ``path``: read, checked for NaN/inf
-    (``nan_policy``), converted to ``channels`` (None: as stored) and normalized (:func:`normalize`)."""
+    (``nan_policy``), converted to ``channels`` (None: as stored) and normalized (:func:`normalize`
+    with ``method=normalization`` and ``value_range``)."""
     check_nan_policy(nan_policy)
     image = read_image(path, "error" if nan_policy == "error" else "ignore", guesses)
     if channels is not None:
         image = to_channels(image, channels, path, guesses)
-    return normalize(image, nan_policy)
+    return normalize(image, nan_policy, normalization, value_range)
+
+
+def image_dtype(path):
+    """The stored pixel type of an image file ("uint8", "uint16", "float32", ...), cheaply."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                return str(tif.pages[0].dtype)
+        except Exception:  # noqa: BLE001 - unknown is an answer here
+            return "unknown"
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return {"I;16": "uint16", "I;16B": "uint16", "I": "int32", "F": "float32"}.get(
+            im.mode, "uint8"
+        )
 
 
 # ---------------------------------------------------------------------------------- writing

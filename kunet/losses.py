@@ -61,22 +61,35 @@ class _OverlapLoss(keras.losses.Loss):
 
     alpha = beta = 0.5
 
-    def __init__(self, from_logits=True, smooth=1.0, include_background=True, name=None, **kwargs):
+    def __init__(
+        self,
+        from_logits=True,
+        smooth=1.0,
+        include_background=True,
+        batch_dice=False,
+        name=None,
+        **kwargs,
+    ):
         check_kwargs(self, kwargs, keras.losses.Loss)  # the subclass's own arguments included
         super().__init__(name=name or type(self).__name__.lower(), **kwargs)
         self.from_logits = from_logits
         self.smooth = float(smooth)
         self.include_background = include_background
+        self.batch_dice = bool(batch_dice)
 
     def call(self, y_true, y_pred):
         probs, target = _prepare(y_true, y_pred, self.from_logits)
-        tp = ops.sum(probs * target, axis=1)
-        fp = ops.sum(probs * (1.0 - target), axis=1)
-        fn = ops.sum((1.0 - probs) * target, axis=1)
+        axes = (0, 1) if self.batch_dice else 1
+        tp = ops.sum(probs * target, axis=axes)
+        fp = ops.sum(probs * (1.0 - target), axis=axes)
+        fn = ops.sum((1.0 - probs) * target, axis=axes)
         index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
         if not self.include_background and index.shape[-1] > 1:
-            index = index[:, 1:]
-        return 1.0 - ops.mean(index, axis=-1)
+            index = index[..., 1:]
+        loss = 1.0 - ops.mean(index, axis=-1)
+        if self.batch_dice:  # one value for the batch, given to each sample (sample_weight works)
+            loss = ops.broadcast_to(loss, ops.shape(probs)[:1])
+        return loss
 
     def get_config(self):
         return {
@@ -84,6 +97,7 @@ class _OverlapLoss(keras.losses.Loss):
             "from_logits": self.from_logits,
             "smooth": self.smooth,
             "include_background": self.include_background,
+            "batch_dice": self.batch_dice,
         }
 
 
@@ -96,6 +110,9 @@ class Dice(_OverlapLoss):
         smooth: added to numerator and denominator; keeps empty masks finite (empty truth and empty
             prediction give a loss of 0).
         include_background: in the multi-class case, include class 0 in the mean (default True).
+        batch_dice: overlap summed over the whole batch, not per sample (each sample's loss is
+            the batch's): steadier for sparse objects, which many patches lack (nnU-Net's 2D
+            default).
     """
 
 
@@ -199,6 +216,7 @@ class CEDice(keras.losses.Loss):
         from_logits=True,
         smooth=1.0,
         include_background=True,
+        batch_dice=False,
         name="ce_dice",
         **kwargs,
     ):
@@ -209,8 +227,12 @@ class CEDice(keras.losses.Loss):
         self.from_logits = from_logits
         self.smooth = float(smooth)
         self.include_background = include_background
+        self.batch_dice = bool(batch_dice)
         self._dice = Dice(
-            from_logits=from_logits, smooth=smooth, include_background=include_background
+            from_logits=from_logits,
+            smooth=smooth,
+            include_background=include_background,
+            batch_dice=batch_dice,
         )
 
     def call(self, y_true, y_pred):
@@ -225,4 +247,5 @@ class CEDice(keras.losses.Loss):
             "from_logits": self.from_logits,
             "smooth": self.smooth,
             "include_background": self.include_background,
+            "batch_dice": self.batch_dice,
         }
