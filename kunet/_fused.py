@@ -225,3 +225,24 @@ def tensorflow_double_conv(layer, x, training: bool):
     from kunet.kernels import tensorflow_ops
 
     return tensorflow_ops.double_conv_forward(layer, x, training=training)
+
+
+def has_accelerator() -> bool:
+    """Whether the active backend sees a GPU (what ``kunet plan`` sizes patches and epochs for)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+        if backend == "jax":
+            import jax
+
+            return jax.default_backend() in ("gpu", "cuda", "rocm")
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+    except Exception:  # noqa: BLE001 - no accelerator is the safe answer
+        return False
+    return False

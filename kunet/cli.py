@@ -1,6 +1,7 @@
 """The kunet command line: train, predict and evaluate on image folders, and the demo.
 
-    kunet train    --images DIR --masks DIR --out RUN_DIR [--epochs N] [--time-budget SECONDS] ...
+    kunet plan     --images DIR --masks DIR [--time-budget SECONDS] [--out plan.json]
+    kunet train    --images DIR --masks DIR --out RUN_DIR [--time-budget SECONDS] [--plan FILE] ...
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 
 def _positive_int(text):
@@ -76,17 +78,9 @@ def _add_safety(p, writes=True):
         )
 
 
-def _add_train(sub):
-    from kunet import train as t
-
-    p = sub.add_parser(
-        "train",
-        help="train a UNet on an images/ + masks/ folder pair",
-        description="Train on random augmented patches; keep the best model by validation Dice.",
-    )
+def _add_data(p):
     p.add_argument("--images", required=True, help="folder of images (png, jpg, tif)")
     p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
-    p.add_argument("--out", required=True, help="run folder (best.keras, history, overlays)")
     p.add_argument(
         "--num-classes",
         type=_positive_int,
@@ -94,45 +88,118 @@ def _add_train(sub):
         help="classes including background (2 = binary); default: largest mask label + 1",
     )
     p.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=t.DEFAULT_EPOCHS,
-        help=f"total epochs of the run (default {t.DEFAULT_EPOCHS})",
-    )
-    p.add_argument(
         "--time-budget",
         type=_positive_float,
         default=None,
         metavar="SECONDS",
-        help="stop after this many seconds, keeping the best checkpoint",
+        help="training time: the learning rate anneals as it runs out; the best checkpoint is kept",
     )
+
+
+def _add_plan_overrides(p):
+    """The plan's settings a command line may set (each default: the plan's)."""
+    p.add_argument("--epochs", type=_positive_int, help="total epochs of the run")
+    p.add_argument("--patch-size", type=_positive_int, help="training patch side in pixels")
+    p.add_argument("--batch-size", type=_positive_int, help="patches per step")
+    p.add_argument("--val-split", type=_fraction, help="fraction of images held out")
+    p.add_argument("--filters", type=_positive_int, nargs="+", help="filters per encoder stage")
     p.add_argument(
-        "--patch-size",
-        type=_positive_int,
-        default=t.DEFAULT_PATCH_SIZE,
-        help=f"training patch side in pixels (default {t.DEFAULT_PATCH_SIZE})",
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other plan settings, e.g. --set augmentation=light foreground=0.5 (see kunet plan)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=t.DEFAULT_BATCH_SIZE,
-        help=f"patches per step (default {t.DEFAULT_BATCH_SIZE})",
+
+
+def _overrides(args):
+    from kunet.plan import parse_overrides
+
+    settings = parse_overrides(args.set)
+    for name in ("epochs", "patch_size", "batch_size", "val_split"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.filters is not None:
+        settings["filters"] = list(args.filters)
+    return settings
+
+
+def _add_plan(sub):
+    p = sub.add_parser(
+        "plan",
+        help="derive a training plan from an images/ + masks/ folder pair",
+        description="Read the dataset (sizes, channels, intensities, class frequencies, object "
+        "sizes) and derive every training setting from it; print the plan and write it as JSON "
+        "for kunet train --plan.",
     )
-    p.add_argument(
-        "--val-split",
-        type=_fraction,
-        default=0.2,
-        help="fraction of images held out for validation (default 0.2)",
+    _add_data(p)
+    _add_plan_overrides(p)
+    p.add_argument("--out", default=None, help="plan file to write (default: print it only)")
+    _add_safety(p)
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args):
+    import keras
+
+    from kunet import plan as kplan
+    from kunet._fused import has_accelerator
+    from kunet.data import load_folder
+    from kunet.io import DataError, Guesses
+    from kunet.outputs import atomic_write_bytes, check_existing, check_separate, check_writable
+
+    settings = _overrides(args)
+    if args.out:
+        out = Path(args.out)
+        check_separate(out, [("images", args.images), ("masks", args.masks)], "--out file")
+        if out.is_dir():
+            raise DataError(f"--out {out} is a folder; give the plan file's path")
+    guesses = Guesses(args.strict)
+    data = load_folder(
+        args.images, args.masks, num_classes=args.num_classes, nan_policy=args.nan_policy,
+        guesses=guesses, normalization=None,
+    )  # fmt: skip
+    plan = kplan.make_plan(
+        kplan.fingerprint(data),
+        time_budget=args.time_budget,
+        backend=keras.backend.backend(),
+        gpu=has_accelerator(),
     )
+    plan["settings"].update(settings)
+    plan["reasons"].update({k: "set by the user" for k in settings})
+    kplan.check_settings(plan["settings"], "plan")
+    for line in guesses.lines():
+        print(f"kunet: note: {line}", file=sys.stderr)
+    fp = plan["fingerprint"]
+    print(
+        f"{fp['images']} image(s), {fp['channels']} channel(s), {fp['num_classes']} classes, "
+        f"median {fp['height']['median']:g}x{fp['width']['median']:g}; class fractions "
+        f"{fp['class_fractions']}"
+    )
+    for line in kplan.table(plan):
+        print(line)
+    if args.out:
+        check_writable(out.parent, "--out folder")
+        check_existing(out.parent, [out.name], args.overwrite, "--out folder")
+        atomic_write_bytes(out, (json.dumps(plan, indent=1) + "\n").encode())
+        print(f"-> {out}")
+    return 0
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train a UNet on an images/ + masks/ folder pair",
+        description="Plan the run from the data (or take --plan), train on random augmented "
+        "patches, keep the best model by validation Dice.",
+    )
+    _add_data(p)
+    p.add_argument("--out", required=True, help="run folder (best.keras, plan, history, overlays)")
+    p.add_argument("--plan", default=None, help="a plan file from kunet plan (default: plan now)")
+    _add_plan_overrides(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--filters",
-        type=_positive_int,
-        nargs="+",
-        default=list(t.DEFAULT_FILTERS),
-        help="filters per encoder stage (default %(default)s)",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_safety(p)
     p.set_defaults(func=_run_train)
@@ -145,16 +212,13 @@ def _run_train(args):
         args.images,
         args.masks,
         args.out,
+        plan=args.plan,
+        settings=_overrides(args),
         num_classes=args.num_classes,
-        epochs=args.epochs,
         time_budget=args.time_budget,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        val_split=args.val_split,
         seed=args.seed,
         resume=args.resume,
         overwrite=args.overwrite,
-        filters=tuple(args.filters),
         nan_policy=args.nan_policy,
         strict=args.strict,
         verbose=0 if args.quiet else 1,
@@ -176,9 +240,14 @@ def _add_predict(sub):
         "--tile-size",
         type=_positive_int,
         default=None,
-        help="tile side for large images (default 256)",
+        help="tile side for large images (default: the plan's, else 256)",
     )
-    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average predictions over flips (default: as the plan beside the model measured)",
+    )
     p.add_argument("--quiet", action="store_true", help="print no progress")
     _add_safety(p)
     p.set_defaults(func=_run_predict)
@@ -214,9 +283,14 @@ def _add_evaluate(sub):
         "--tile-size",
         type=_positive_int,
         default=None,
-        help="tile side for large images (default 256)",
+        help="tile side for large images (default: the plan's, else 256)",
     )
-    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average predictions over flips (default: as the plan beside the model measured)",
+    )
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
     _add_safety(p, writes=False)
     p.set_defaults(func=_run_evaluate)
@@ -264,6 +338,7 @@ def _main(argv):
     from kunet import demo
 
     demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    _add_plan(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)

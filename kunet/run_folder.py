@@ -1,6 +1,7 @@
 """The run folder of ``kunet train``, kept consistent across kills, Ctrl-C and full disks.
 
     state.json      the record: epochs done, history rows, best score, the checkpoints' hashes
+    plan.json       the settings of the run (:mod:`kunet.plan`), committed with its first state
     last.keras      the model after the latest committed epoch (optimizer state included)
     best.keras      the model with the best validation Dice so far
     history.csv     the history rows of state.json, as a table (rewritten from it)
@@ -49,7 +50,7 @@ from kunet.outputs import (
 __all__ = ["RunFolder", "RUN_FILES"]
 
 STATE = "state.json"
-RUN_FILES = ("state.json", "last.keras", "best.keras", "history.csv", "history.png")
+RUN_FILES = ("state.json", "plan.json", "last.keras", "best.keras", "history.csv", "history.png")
 OVERLAYS = "overlays"
 CHECKPOINTS = ("last.keras", "best.keras")
 
@@ -133,16 +134,23 @@ class RunFolder:
         if not path.is_file() or path.read_text() != text:
             atomic_write_bytes(path, text.encode())
 
-    def commit(self, model, state, improved=False):
+    def commit(self, model, state, improved=False, files=None):
         """Make ``state`` (already holding the new epoch count, history row and best score) and the
         model's checkpoint(s) the folder's committed state, as one unit (see the module docstring).
+        ``files`` ({name: bytes}, e.g. the run's plan.json) are committed with them.
         """
         _failpoints.reached("commit:begin")
+        pending = {}
+        for name, data in (files or {}).items():
+            tmp = temporary_path(self.path / name)
+            tmp.write_bytes(data)
+            _fsync_file(tmp)
+            pending[name] = tmp.name
         last = temporary_path(self.path / "last.keras")
         model.save(last)
         _fsync_file(last)
         _failpoints.reached("commit:model-written")
-        pending = {"last.keras": last.name}
+        pending["last.keras"] = last.name
         checkpoints = dict(state.get("checkpoints") or {})
         digest = sha256(last)
         checkpoints["last.keras"] = {"epoch": state["epoch"], "sha256": digest}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import json
 import math
 import shutil
 import sys
@@ -29,11 +30,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kunet import _failpoints, inference
+from kunet import _failpoints, _fused, inference
 from kunet import io as kio
-from kunet.callbacks import NonFiniteError, TerminateOnNonFinite
+from kunet.augment import Augment
+from kunet.callbacks import LearningRateSchedule, NonFiniteError, TerminateOnNonFinite
 from kunet.data import PatchDataset, TileDataset, load_folder, model_num_classes, split
 from kunet.io import DataError, Guesses
+from kunet.losses import CEDice
 from kunet.outputs import (
     STAGING_PREFIX,
     FolderLock,
@@ -47,18 +50,17 @@ from kunet.outputs import (
     deferred_sigint,
     finish,
 )
+from kunet.plan import (
+    DEFAULT_EPOCHS,
+    check_settings,
+    fingerprint,
+    make_plan,
+    plan_next_to,
+    read_plan,
+)
 from kunet.run_folder import RunFolder
 
-DEFAULT_FILTERS = (16, 32, 64, 128)
-DEFAULT_PATCH_SIZE = 128
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_EPOCHS = 40
-DEFAULT_TILE_SIZE = 256
-# Keras' default 0.99 averages the batch statistics over ~100 steps. A short run on a dozen images
-# changes its weights faster than that, so the moving statistics used at validation and inference lag
-# and the validation Dice swings from epoch to epoch; 0.9 (~10 steps) tracks them. Saved with the
-# model (UNet's bn_momentum), so a resumed run keeps it.
-BN_MOMENTUM = 0.9
+DEFAULT_TILE_SIZE = 256  # inference tiles for a model without a plan beside it
 OVERLAYS = 4
 
 __all__ = [
@@ -113,23 +115,32 @@ class RecordEpochs(keras.callbacks.Callback):
     so a kill between (or during) them left a history row the state did not cover, or a torn file.
     """
 
-    def __init__(self, run, state, monitor="val_dice"):
+    def __init__(self, run, state, schedule=None, monitor="val_dice"):
         super().__init__()
         self.run = run
         self.state = state
+        self.schedule = schedule
         self.monitor = monitor
+        self.seconds = 0.0  # spent committing
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        score = logs.get(self.monitor)
-        score = float(score) if score is not None and math.isfinite(float(score)) else None
-        best = self.state.get("best_score")
-        improved = score is not None and (best is None or score > best)
+        if self.monitor is None:  # nothing held out to judge by: the latest epoch is the best
+            score, improved = None, True
+        else:
+            score = logs.get(self.monitor)
+            score = float(score) if score is not None and math.isfinite(float(score)) else None
+            best = self.state.get("best_score")
+            improved = score is not None and (best is None or score > best)
         self.state["history"].append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         self.state["epoch"] = epoch + 1
         if improved:
-            self.state.update(best_score=score, best_epoch=epoch + 1)
+            self.state.update(best_score=score, best_epoch=epoch + 1, monitor=self.monitor)
+        if self.schedule is not None:  # where a resumed run's learning rate continues from
+            self.state["schedule_progress"] = round(self.schedule.progress, 6)
+        began = time.monotonic()
         self.run.commit(self.model, self.state, improved=improved)
+        self.seconds += time.monotonic() - began
 
 
 class _StopOnSigint(keras.callbacks.Callback):
@@ -158,6 +169,29 @@ class _Failpoints(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         _failpoints.reached("train:batch")
+
+
+class Stopwatch(keras.callbacks.Callback):
+    """Where fit's time goes: training steps (with the wait for their batches) and validation."""
+
+    def __init__(self):
+        super().__init__()
+        self.training = self.validation = 0.0
+        self.steps = 0
+        self._t = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.training += time.monotonic() - self._t
+        self.steps += 1
+
+    def on_test_begin(self, logs=None):
+        self._t = time.monotonic()
+
+    def on_test_end(self, logs=None):
+        self.validation += time.monotonic() - self._t
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -195,8 +229,9 @@ def _tile_for(model, tile_size):
     return max(multiple, tile - tile % multiple)
 
 
-def predict_labels(model, image, tile_size=None, tta=False, batch_size=4):
-    """Class indices (H, W) for a normalized image, tiled when it is larger than a tile."""
+def predict_labels(model, image, tile_size=None, tta=False, batch_size=4, min_sizes=None):
+    """Class indices (H, W) for a normalized image, tiled when it is larger than a tile, with the
+    connected components smaller than ``min_sizes`` ({class: pixels}) removed."""
     tile = _tile_for(model, tile_size)
     if image.shape[0] <= tile and image.shape[1] <= tile:
         probs = inference.predict_image(model, image, tta=tta, nan_policy="ignore")
@@ -205,7 +240,76 @@ def predict_labels(model, image, tile_size=None, tta=False, batch_size=4):
             model, image, tile_size=tile, overlap=0.5, batch_size=batch_size, tta=tta,
             nan_policy="ignore",
         )  # fmt: skip
-    return inference.to_labels(probs)
+    labels = inference.to_labels(probs)
+    return inference.remove_small_components(labels, min_sizes) if min_sizes else labels
+
+
+def inference_settings(plan, tile_size=None, tta=None):
+    """(tile size, TTA, {class: min component size}) for a plan (None: kunet's defaults), the
+    explicit arguments winning."""
+    s = plan["settings"] if plan else {}
+    tile = tile_size or s.get("tile_size") or DEFAULT_TILE_SIZE
+    if tta is None:
+        tta = s.get("tta") is True
+    sizes = s.get("min_component_size")
+    return tile, bool(tta), sizes if isinstance(sizes, dict) else {}
+
+
+def normalization_of(plan):
+    """(method, value range) of a plan's normalization (kunet's default without a plan)."""
+    if not plan:
+        return "percentile", None
+    s = plan["settings"]
+    return s["normalization"], s.get("intensity_range")
+
+
+def tune_inference(model, samples, plan, num_classes):
+    """Resolve a plan's "auto" TTA and small-object removal by measuring them on ``samples`` (the
+    held-out validation images): each is kept only where it raises the Dice. With none to measure
+    on, small-object removal is off and flip TTA is on when training augmented with flips."""
+    plan = {**plan, "settings": dict(plan["settings"]), "reasons": dict(plan.get("reasons", {}))}
+    s, reasons = plan["settings"], plan["reasons"]
+    tile = s["tile_size"]
+    if not samples:
+        if (
+            s["tta"] == "auto"
+        ):  # flips averaged over a model trained on flips: an ensemble, not a bet
+            s["tta"] = s["augmentation"] != "none"
+            reasons["tta"] = (
+                "no held-out images to measure it on; on, as the model was trained on flips"
+                if s["tta"]
+                else "no held-out images to measure it on, and no flips in training: off"
+            )
+        if s["min_component_size"] == "auto":
+            s["min_component_size"] = {}
+            reasons["min_component_size"] = "no held-out images to measure it on: off"
+        return plan
+
+    def dice(tta, sizes=None):
+        totals = np.zeros((3, num_classes))
+        for smp in samples:
+            pred = predict_labels(model, smp.image, tile, tta, min_sizes=sizes)
+            totals += _confusion(pred.ravel(), smp.mask.ravel(), num_classes)
+        return float(_scores(*totals)[0][1:].mean())
+
+    base = dice(False)
+    if s["tta"] == "auto":
+        flipped = dice(True)
+        s["tta"] = flipped > base + 0.001
+        reasons["tta"] = f"validation Dice {base:.4f} without, {flipped:.4f} with flips"
+        base = max(base, flipped) if s["tta"] else base
+    if s["min_component_size"] == "auto":
+        objects = plan.get("fingerprint", {}).get("objects", {})
+        sizes = {c: int(o["p5_area"] // 2) for c, o in objects.items() if o["p5_area"] >= 4}
+        cleaned = dice(s["tta"], sizes) if sizes else base
+        keep = bool(sizes) and cleaned > base + 0.001
+        s["min_component_size"] = sizes if keep else {}
+        reasons["min_component_size"] = (
+            f"validation Dice {base:.4f}, {cleaned:.4f} without objects under {sizes} px"
+            if sizes
+            else "objects too small to filter"
+        )
+    return plan
 
 
 def _say(verbose, *parts):
@@ -224,46 +328,61 @@ def _input_folder(path):
 
 
 # ---------------------------------------------------------------------------------- train
+RESUME_SETTINGS = ("epochs", "time_budget")  # what a resumed run may change
+
+
 def train(
     images,
     masks,
     out,
     *,
+    plan=None,
+    settings=None,
     num_classes=None,
-    epochs=DEFAULT_EPOCHS,
     time_budget=None,
-    patch_size=DEFAULT_PATCH_SIZE,
-    batch_size=DEFAULT_BATCH_SIZE,
-    val_split=0.2,
+    epochs=None,
+    patch_size=None,
+    batch_size=None,
+    val_split=None,
+    filters=None,
+    patches_per_epoch=None,
     seed=0,
     resume=False,
     overwrite=False,
-    filters=DEFAULT_FILTERS,
-    patches_per_epoch=None,
     nan_policy="error",
     strict=False,
     verbose=1,
 ):
     """Train a UNet on the ``images``/``masks`` folders into the run folder ``out``.
 
-    ``epochs`` is the total number of epochs of the run (a resumed run continues up to it).
-    ``time_budget`` (seconds, from the call) stops training early, keeping the best checkpoint.
-    ``resume`` continues the run in ``out``; without it a folder already holding a run is refused
-    unless ``overwrite`` (then that run's files are replaced). ``nan_policy``: NaN/inf pixels are an
-    error ('error'), set to 0 ('zero') or passed on ('ignore'). ``strict``: refuse to guess (the
-    number of classes, channel conversions, 0/255 masks) instead of saying what was guessed.
+    The run's settings come from a plan (:mod:`kunet.plan`): ``plan`` (a plan file or dict), else
+    one derived from the data and ``time_budget`` here. ``settings`` ({name: value}) and the
+    keyword arguments ``epochs``, ``patch_size``, ``batch_size``, ``val_split``, ``filters``,
+    ``patches_per_epoch`` override it; the plan used is saved in ``out/plan.json``.
 
-    Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths). Raises
-    :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, with the run folder consistent and
-    resumable, and :class:`kunet.callbacks.NonFiniteError` when the loss or the weights became
-    NaN/inf (the folder keeps the last good epoch).
+    ``epochs`` is the total number of epochs of the run (a resumed run continues up to it).
+    ``time_budget`` (seconds, from the call) stops training, keeping the best checkpoint; the
+    learning rate anneals to its end as the budget runs out. ``resume`` continues the run in
+    ``out`` (only ``epochs`` and ``time_budget`` may change); without it a folder already holding a
+    run is refused unless ``overwrite`` (then that run's files are replaced). ``nan_policy``: NaN/inf
+    pixels are an error ('error'), set to 0 ('zero') or passed on ('ignore'). ``strict``: refuse to
+    guess (the number of classes, channel conversions, 0/255 masks) instead of saying what was
+    guessed.
+
+    Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths, where the
+    time went). Raises :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, with the run folder
+    consistent and resumable, and :class:`kunet.callbacks.NonFiniteError` when the loss or the
+    weights became NaN/inf (the folder keeps the last good epoch).
     """
     start = time.monotonic()
-    for name, value in (("epochs", epochs), ("patch_size", patch_size), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise DataError(f"{name} must be >= 1; got {value}")
-    if time_budget is not None and time_budget <= 0:
-        raise DataError(f"time budget must be > 0 seconds; got {time_budget}")
+    overrides = dict(settings or {})
+    named = {"epochs": epochs, "patch_size": patch_size, "batch_size": batch_size,
+             "val_split": val_split, "patches_per_epoch": patches_per_epoch,
+             "time_budget": time_budget}  # fmt: skip
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    if filters is not None:
+        overrides["filters"] = [int(f) for f in filters]
+    check_settings(overrides, "settings")
     if resume and overwrite:
         raise DataError(
             "--resume continues the run in the folder, --overwrite replaces it: not both"
@@ -282,15 +401,27 @@ def train(
         raise DataError(f"{out}: no kunet run to resume (no state.json); train without --resume")
     if not resume and run.holds_run() and not overwrite:
         _refuse_run(out, run)
-    if (
-        resume
-        and num_classes is not None
-        and model_num_classes(num_classes) != model_num_classes(state["num_classes"])
-    ):
-        raise DataError(
-            f"{run.state_path}: the run has {state['num_classes']} classes, not {num_classes}"
+    if resume:
+        kept = run_plan(run, state)["settings"]
+        changed = sorted(
+            k for k, v in overrides.items() if k not in RESUME_SETTINGS and kept.get(k) != v
         )
+        if changed or plan is not None:
+            raise DataError(
+                f"{out}: a resumed run keeps its plan; only {' and '.join(RESUME_SETTINGS)} may "
+                f"change (got {', '.join(f'{k}={overrides[k]!r}' for k in changed) or 'a plan'})"
+            )
+        if num_classes is not None and model_num_classes(num_classes) != model_num_classes(
+            state["num_classes"]
+        ):
+            raise DataError(
+                f"{run.state_path}: the run has {state['num_classes']} classes, not {num_classes}"
+            )
+        plan = run_plan(run, state)
+    elif plan is not None and not isinstance(plan, dict):
+        plan = read_plan(plan)
     guesses = Guesses(strict)
+    loading = time.monotonic()
     data = load_folder(
         images,
         masks,
@@ -298,7 +429,23 @@ def train(
         channels=state["channels"] if state else None,
         nan_policy=nan_policy,
         guesses=guesses,
+        normalization=None,  # as the plan says, below
     )
+    if plan is None:
+        plan = make_plan(
+            fingerprint(data),
+            time_budget=overrides.get("time_budget"),
+            backend=keras.backend.backend(),
+            gpu=_fused.has_accelerator(),
+        )
+    plan = {**plan, "settings": {**plan["settings"], **overrides}}
+    if overrides:
+        plan["reasons"] = {
+            **plan.get("reasons", {}), **{k: "set by the user" for k in overrides}
+        }  # fmt: skip
+    check_settings(plan["settings"], "plan")
+    data.normalize(*normalization_of(plan), nan_policy)
+    loading = time.monotonic() - loading
     created = check_writable(out, "run folder")
     try:
         with FolderLock(out, "run folder"):
@@ -318,14 +465,42 @@ def train(
             for line in guesses.lines():  # after every check: an error is the only line printed
                 _note(line)
             return _train_locked(
-                run, data, state, start, epochs=epochs, time_budget=time_budget,
-                patch_size=patch_size, batch_size=batch_size, val_split=val_split, seed=seed,
-                filters=filters, patches_per_epoch=patches_per_epoch, nan_policy=nan_policy,
-                verbose=verbose,
+                run, data, state, plan, start, seed=seed, nan_policy=nan_policy, verbose=verbose,
+                loading=loading,
             )  # fmt: skip
     finally:
         if created and not any(out.iterdir()):
             out.rmdir()  # nothing was committed: leave no empty folder behind
+
+
+def run_plan(run, state):
+    """The plan a run was trained with (``plan.json``; a kunet 0.1.0 run has none: its state's
+    settings with this version's defaults for the rest)."""
+    path = run.path / "plan.json"
+    pending = (state.get("pending") or {}).get("plan.json")
+    if pending and (run.path / pending).is_file():  # committed, its rename not done yet
+        path = run.path / pending
+    if path.is_file():
+        return read_plan(path)
+    settings = make_plan(_legacy_fingerprint(state))["settings"]
+    settings.update(
+        normalization="percentile", intensity_range=None, batch_dice=False,
+        filters=list(state["filters"]), patch_size=state["patch_size"],
+        batch_size=state["batch_size"], epochs=DEFAULT_EPOCHS, schedule="constant",
+        learning_rate=1e-3, warmup=0.0, augmentation="heavy", foreground=1 / 3,
+        tta=False, min_component_size={}, val_split=0.2,
+    )  # fmt: skip
+    return {"kunet_plan": 1, "settings": settings, "fingerprint": {}, "reasons": {}}
+
+
+def _legacy_fingerprint(state):
+    side = float(state["patch_size"])
+    return {
+        "images": len(state.get("train_images", [])) + len(state.get("val_images", [])),
+        "height": {"median": side}, "width": {"median": side}, "pixels": int(side * side),
+        "class_fractions": [0.5] * state["num_classes"],
+        "intensity": {"p1": 0.0, "p99": 1.0, "per_image_p1": [0.0, 0.0], "as_stored": False},
+    }  # fmt: skip
 
 
 def _refuse_run(out, run):
@@ -335,76 +510,104 @@ def _refuse_run(out, run):
     )
 
 
-def _train_locked(
-    run, data, state, start, *, epochs, time_budget, patch_size, batch_size, val_split, seed,
-    filters, patches_per_epoch, nan_policy, verbose,
-):  # fmt: skip
+def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, loading):
     out = run.path
+    s = plan["settings"]
     keras.utils.set_random_seed(seed)
-    train_samples, val_samples = split(data.samples, val_split, seed)
+    train_samples, val_samples = split(data.samples, s["val_split"], seed)
+    files = None
     if state is not None:  # resume: keep the run's own validation images when they are all there
-        by_name = {s.name: s for s in data.samples}
-        held_out = state.get("val_images") or []
-        if held_out and all(name in by_name for name in held_out):
-            val_samples = [by_name[name] for name in held_out]
-            train_samples = [s for s in data.samples if s.name not in set(held_out)] or val_samples
+        by_name = {smp.name: smp for smp in data.samples}
+        names = state.get("val_images") or []
+        if names and all(name in by_name for name in names):
+            val_samples = [by_name[name] for name in names]
+            train_samples = [x for x in data.samples if x.name not in set(names)] or val_samples
         model = load_model(out / "last.keras")
-    else:
+    held_out = val_samples != train_samples
+    if state is None:
         from kunet.model import UNet
 
         model = UNet(
             num_classes=data.model_num_classes,
-            filters=tuple(filters),
+            filters=tuple(s["filters"]),
             input_shape=(None, None, data.channels),
-            bn_momentum=BN_MOMENTUM,
+            bn_momentum=s["bn_momentum"],
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(s["learning_rate"]),
+            loss=CEDice(
+                ce_weight=s["ce_weight"],
+                dice_weight=s["dice_weight"],
+                batch_dice=s["batch_dice"],
+            ),
         )
         state = {
             "epoch": 0,
             "best_score": None,
             "best_epoch": None,
-            "monitor": "val_dice",
+            "monitor": "val_dice" if held_out else None,
             "num_classes": data.num_classes,
             "channels": data.channels,
-            "filters": list(filters),
-            "patch_size": int(patch_size),
-            "batch_size": int(batch_size),
+            "filters": list(s["filters"]),
+            "patch_size": int(s["patch_size"]),
+            "batch_size": int(s["batch_size"]),
             "seed": int(seed),
-            "train_images": [s.name for s in train_samples],
-            "val_images": [s.name for s in val_samples],
+            "train_images": [x.name for x in train_samples],
+            "val_images": [x.name for x in val_samples],
             "history": [],
         }
-        # Epoch 0: a run killed in its first epoch resumes from here. The optimizer is built first
-        # so that its (zero) state is saved too and loads without Keras' "skipping variables".
-        model.optimizer.build(model.trainable_variables)
-        run.commit(model, state)
+        files = {"plan.json": (json.dumps(plan, indent=1) + "\n").encode()}
     initial_epoch = state["epoch"]
     _say(
         verbose,
         f"kunet: {len(data.samples)} image(s) ({len(train_samples)} train, {len(val_samples)} "
-        f"validation), {data.num_classes} classes, {data.channels} channel(s); run folder {out}",
+        f"validation), {data.num_classes} classes, {data.channels} channel(s); patches "
+        f"{s['patch_size']} x {s['batch_size']}, filters {s['filters']}, augmentation "
+        f"{s['augmentation']}; run folder {out}",
     )
-    if val_samples == train_samples:
-        _say(verbose, "kunet: too few images to hold some out: validating on the training images")
+    if not held_out:
+        _say(
+            verbose,
+            "kunet: no images held out for validation (too few, or --val-split 0): every image "
+            "trains, and best.keras is the latest epoch",
+        )
+    epochs = s["epochs"]
     if initial_epoch >= epochs:
         _say(verbose, f"kunet: the run already has {initial_epoch} epochs (--epochs {epochs})")
     train_ds = PatchDataset(
         train_samples,
         data.num_classes,
-        patch_size=patch_size,
-        batch_size=batch_size,
-        patches_per_epoch=patches_per_epoch,
+        patch_size=s["patch_size"],
+        batch_size=s["batch_size"],
+        patches_per_epoch=s["patches_per_epoch"],
+        augment=Augment.level(s["augmentation"]),
+        foreground=s["foreground"],
         seed=seed,
     )
     train_ds.epoch = initial_epoch
-    val_ds = TileDataset(val_samples, data.num_classes, patch_size, batch_size)
+    val_ds = TileDataset(val_samples, data.num_classes, s["patch_size"], s["batch_size"])
+    val_ds = val_ds if held_out else None
+    if files is not None:
+        # Epoch 0, with the plan: a run killed in its first epoch resumes from here. The optimizer
+        # is built first so its (zero) state is saved too and loads without Keras' "skipping".
+        model.optimizer.build(model.trainable_variables)
+        run.commit(model, state, files=files)
 
-    budget = TimeBudget(time_budget, start=start) if time_budget else None
+    budget = s["time_budget"]
+    timer = TimeBudget(budget, start=start) if budget else None
+    clock = Stopwatch()
+    schedule = LearningRateSchedule(
+        s["learning_rate"], warmup=s["warmup"], final=s["final_lr"], shape=s["schedule"],
+        budget=budget, start=start, epochs=epochs,
+        resumed_from=state.get("schedule_progress", 0.0) if budget else 0.0,
+    )  # fmt: skip
     stop = None
     with SigintFlag() as flag:
         # The NaN guard first: an epoch whose weights went NaN is never committed.
-        callbacks = [TerminateOnNonFinite(), RecordEpochs(run, state), _StopOnSigint(flag, state)]
-        if budget is not None:
-            callbacks.append(budget)
+        record = RecordEpochs(run, state, schedule, monitor="val_dice" if held_out else None)
+        callbacks = [TerminateOnNonFinite(), schedule, clock, record, _StopOnSigint(flag, state)]
+        if timer is not None:
+            callbacks.append(timer)
         if _failpoints.active():
             callbacks.append(_Failpoints())
         try:
@@ -435,24 +638,46 @@ def _train_locked(
             gc.collect()
     if isinstance(stop, Interrupted) and verbose:
         print(flush=True)  # end the progress bar's line
+    trained = time.monotonic() - start
     plot_history(state["history"], out / "history.png")
     if (out / "best.keras").is_file():
         best = load_model(out / "best.keras")
-        write_overlays(best, val_samples[:OVERLAYS], data.num_classes, out / "overlays")
+        if stop is None:
+            plan = tune_inference(best, val_samples if held_out else [], plan, data.num_classes)
+            atomic_write_bytes(out / "plan.json", (json.dumps(plan, indent=1) + "\n").encode())
+        write_overlays(best, val_samples[:OVERLAYS], data.num_classes, out / "overlays", plan)
     summary = {
         "best_val_dice": state.get("best_score"),
         "best_epoch": state.get("best_epoch"),
         "epochs": state["epoch"],
         "seconds": round(time.monotonic() - start, 1),
-        "stopped_by_time_budget": bool(budget and budget.stopped),
+        "stopped_by_time_budget": bool(timer and timer.stopped),
         "best_model": str(out / "best.keras"),
+        "steps": clock.steps,
+        "time": {
+            "data loading": round(loading, 1),
+            "training": round(clock.training, 1),
+            "validation": round(clock.validation, 1),
+            "checkpoints": round(record.seconds, 1),
+        },
     }
+    summary["time"]["other"] = round(max(0.0, trained - sum(summary["time"].values())), 1)
     _say(
         verbose,
         f"kunet: {summary['epochs']} epoch(s) in {summary['seconds']} s"
         + (" (time budget reached)" if summary["stopped_by_time_budget"] else "")
-        + f"; best validation Dice {_fmt(summary['best_val_dice'])} at epoch "
-        f"{summary['best_epoch']} -> {summary['best_model']}",
+        + (
+            f"; best validation Dice {_fmt(summary['best_val_dice'])} at epoch "
+            if held_out
+            else "; no validation images: the latest epoch, "
+        )
+        + f"{summary['best_epoch']} -> {summary['best_model']}",
+    )
+    _say(
+        verbose,
+        f"kunet: where the {trained:.0f} s of training went: "
+        + ", ".join(f"{k} {v:g} s" for k, v in summary["time"].items())
+        + f" ({clock.steps} steps)",
     )
     if stop is not None:
         raise stop
@@ -499,12 +724,13 @@ def plot_history(rows, png_path):
     return True
 
 
-def write_overlays(model, samples, num_classes, folder):
+def write_overlays(model, samples, num_classes, folder, plan=None):
     """For each sample, ``<name>.png``: truth overlay | prediction overlay, side by side."""
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
+    tile, tta, sizes = inference_settings(plan)
     for s in samples:
-        pred = predict_labels(model, s.image)
+        pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes)
         truth = kio.overlay(s.image, s.mask, num_classes)
         guess = kio.overlay(s.image, pred, num_classes)
         gap = np.full((truth.shape[0], 4, 3), 255, dtype="uint8")
@@ -519,7 +745,7 @@ def predict(
     out,
     *,
     tile_size=None,
-    tta=False,
+    tta=None,
     overwrite=False,
     nan_policy="error",
     strict=False,
@@ -532,7 +758,9 @@ def predict(
     (renamed into ``out``) as soon as they are done, and only then printed, so a run stopped by a
     kill or Ctrl-C leaves complete files only. ``out`` must not be, be inside or contain the images'
     folder, and files already there are replaced only with ``overwrite``. ``nan_policy`` and
-    ``strict`` as in :func:`train`. Returns the list of mask paths written.
+    ``strict`` as in :func:`train`. The normalization, tile size, TTA and small-object removal are
+    the plan's saved beside the model (``plan.json``), ``tile_size`` and ``tta`` winning. Returns
+    the list of mask paths written.
     """
     images = Path(images)
     out = Path(out)
@@ -556,11 +784,14 @@ def predict(
     if out.is_dir():  # fail fast; checked again under the lock
         check_existing(out, list(names), overwrite)
     model = load_model(model_path)
+    plan = plan_next_to(model_path)
+    tile, tta, sizes = inference_settings(plan, tile_size, tta)
+    norm = normalization_of(plan)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
     guesses = Guesses(strict)
     for f in files:  # every image is read and checked before any work
-        kio.load_image(f, channels, nan_policy, guesses)
+        kio.load_image(f, channels, nan_policy, guesses, *norm)
     created = check_writable(out)
     written = []
     try:
@@ -574,8 +805,8 @@ def predict(
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
             try:
                 for f in files:
-                    image = kio.load_image(f, channels, nan_policy)
-                    labels = predict_labels(model, image, tile_size=tile_size, tta=tta)
+                    image = kio.load_image(f, channels, nan_policy, None, *norm)
+                    labels = predict_labels(model, image, tile, tta, min_sizes=sizes)
                     mask, over = f"{f.stem}.png", f"{f.stem}_overlay.png"
                     kio.write_mask(staging / mask, labels, num_classes)
                     kio.write_rgb(staging / over, kio.overlay(image, labels, num_classes))
@@ -612,29 +843,31 @@ def _publish(source, target):
 
 
 # ---------------------------------------------------------------------------------- evaluate
-def evaluate(model_path, images, masks, *, tile_size=None, tta=False, nan_policy="error",
+def evaluate(model_path, images, masks, *, tile_size=None, tta=None, nan_policy="error",
              strict=False):  # fmt: skip
     """Dice and IoU per class over every pixel of the folder, and their foreground means.
 
     Returns ``{"dice": {class: score}, "iou": {...}, "mean_dice": .., "mean_iou": .., "images": n,
     "num_classes": K, "per_image_dice": {name: foreground Dice}}``; means are over classes
     1..K-1. A class absent from both truth and prediction scores 1.0 (as in :mod:`kunet.metrics`).
-    ``nan_policy`` and ``strict`` as in :func:`train`.
+    ``nan_policy`` and ``strict`` as in :func:`train`; inference as in :func:`predict`.
     """
     model = load_model(model_path)
+    plan = plan_next_to(model_path)
+    tile, tta, sizes = inference_settings(plan, tile_size, tta)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
     guesses = Guesses(strict)
     data = load_folder(
         images, masks, num_classes=num_classes, channels=channels, nan_policy=nan_policy,
-        guesses=guesses,
-    )  # fmt: skip
+        guesses=guesses, normalization=None,
+    ).normalize(*normalization_of(plan), nan_policy)  # fmt: skip
     for line in guesses.lines():
         _note(line)
     totals = np.zeros((3, num_classes))  # tp, fp, fn per class
     per_image = {}
     for s in data.samples:
-        pred = predict_labels(model, s.image, tile_size=tile_size, tta=tta).ravel()
+        pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes).ravel()
         counts = _confusion(pred, s.mask.ravel(), num_classes)
         totals += counts
         per_image[s.name] = round(float(_scores(*counts)[0][1:].mean()), 6)

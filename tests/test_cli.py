@@ -67,6 +67,8 @@ def trained(tmp_path_factory):
             str(out),
             "--epochs",
             "2",
+            "--val-split",
+            "0.4",  # the plan holds none out from 5 images
             *TINY,
         ]
     )
@@ -86,6 +88,18 @@ def test_train_writes_the_run_folder(trained):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and "val_dice" in rows[0]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_without_held_out_images_every_image_trains_and_best_is_the_latest(tmp_path, capsys):
+    images, masks = make_folder(tmp_path / "data", n=3)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--masks", masks, "--out", out, "--epochs", "2"]
+    code, stdout, _ = run(capsys, *argv, *TINY[:-1])
+    assert code == 0 and "no images held out for validation" in stdout
+    state = json.loads((out / "state.json").read_text())
+    assert state["best_epoch"] == 2 and state["monitor"] is None
+    assert len(state["train_images"]) == 3 and "val_dice" not in state["history"][0]
+    assert (out / "best.keras").read_bytes() == (out / "last.keras").read_bytes()
 
 
 def test_predict_writes_masks_and_overlays(trained, tmp_path, capsys):

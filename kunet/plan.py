@@ -1,0 +1,349 @@
+"""Self-configuring training: a fingerprint of the dataset, and the plan derived from it.
+
+``kunet plan`` (and ``kunet train`` when given no plan) reads the folder pair once and derives every
+setting of the run from what it finds, the way nnU-Net does, instead of asking the user:
+
+==================  ===============================================================================
+setting             rule
+==================  ===============================================================================
+patch_size          the median image side, rounded down to a multiple of 16, within [64, 128] on a
+                    CPU ([64, 256] on a GPU)
+filters             4 levels of 16-32-64-128 (3 levels for patches under 128 px): the receptive
+                    field (~140 px) covers the patch
+batch_size          ~74k pixels per batch (8 patches of 96 px, 4 of 128 px), 4 to 16 patches
+normalization       ``dataset``: the dataset's 1st-99th percentiles to [0, 1] for every image, when
+                    the images' background levels agree (one acquisition); else ``percentile``:
+                    each image's own 1st-99th percentiles (``zscore`` by hand: per-image mean/std
+                    after clipping to the 0.5-99.5th percentiles)
+foreground          a third of the patches centred on an object; half when a foreground class
+                    covers less than 10% of the pixels
+augmentation        flips and 90-degree rotations always; zoom and intensity changes when the run
+                    sees each pixel 40+ times (``medium``), elastic deformation from 200 (``heavy``)
+learning_rate       Adam 2e-3, cosine decay to 1% of it -- over the time budget when there is one
+                    (by elapsed time: it reaches its end as the budget runs out), else over the
+                    planned epochs
+epochs              with a time budget: ~12 epochs of equal length fill it (from an estimate of
+                    this backend's pixel throughput); without one: 40
+val_split           10% of the images from 20 images up; under 20 every image trains (one or two
+                    held-out images are too noisy to pick a checkpoint by)
+tile_size, tta      inference in tiles of twice the patch, Gaussian-blended; flip TTA and the
+min_component_size  removal of small objects are measured on the held-out images at the end of
+                    training, and kept only where they raise the Dice (off without held-out images)
+==================  ===============================================================================
+
+A plan is JSON (``plan.json``): ``{"kunet_plan": 1, "settings": {...}, "fingerprint": {...},
+"reasons": {...}}``. Every setting can be edited in the file or overridden (``--set NAME=VALUE``);
+an unknown setting or a bad value is an error naming it. ``kunet train`` saves the plan it used in
+its run folder, and ``kunet predict`` / ``evaluate`` read it next to the model they load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kunet.io import DataError
+
+PLAN_VERSION = 1
+NORMALIZATIONS = ("percentile", "zscore", "dataset")
+AUGMENTATIONS = ("none", "light", "medium", "heavy")
+SCHEDULES = ("cosine", "constant")
+# Training throughput assumed when sizing epochs for a time budget: pixels per second of the
+# default UNet (filters 16-128) on a 2-core CPU (benchmarks/README.md); a faster machine simply runs
+# more, shorter epochs. On a GPU, ~20x.
+PIXELS_PER_SECOND = {"tensorflow": 4.5e5, "torch": 4.0e5, "jax": 2.5e5}
+EPOCHS_PER_BUDGET = 12
+DEFAULT_EPOCHS = 40
+PIXELS_PER_BATCH = 73728  # 8 patches of 96 px, 4 of 128 px
+MAX_PATCH_CPU, MAX_PATCH_GPU = 128, 256
+MIN_IMAGES_TO_HOLD_OUT = 20
+# Images whose 1st percentiles (background levels) differ by more than this fraction of the
+# dataset's intensity range come from different exposures or instruments: each is normalized on
+# its own. Otherwise one range serves all, keeping a dim tile dim (per-image stretching turned an
+# empty aerial tile's noise into structure: landcover Dice 0.638 per image vs 0.717 per dataset).
+MAX_BACKGROUND_SHIFT = 0.15
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _fraction(value, upper=1.0):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= upper
+
+
+def _numbers(values):
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+# name -> (check, description of the valid values)
+SETTINGS = {
+    "patch_size": (lambda v: _positive_int(v) and v >= 16, "an int >= 16"),
+    "batch_size": (_positive_int, "an int >= 1"),
+    "filters": (
+        lambda v: isinstance(v, list) and v != [] and all(_positive_int(f) for f in v),
+        "a list of positive ints",
+    ),
+    "normalization": (lambda v: v in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
+    "intensity_range": (
+        lambda v: (
+            v is None or (isinstance(v, list) and len(v) == 2 and _numbers(v) and v[1] > v[0])
+        ),
+        "null or [low, high], low < high (what 'dataset' normalization maps to [0, 1])",
+    ),
+    "foreground": (_fraction, "a number in [0, 1]"),
+    "augmentation": (lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+    "learning_rate": (_positive_number, "a number > 0"),
+    "warmup": (lambda v: _fraction(v, 0.5), "a number in [0, 0.5]"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "final_lr": (lambda v: _fraction(v), "a fraction of learning_rate, in [0, 1]"),
+    "epochs": (_positive_int, "an int >= 1"),
+    "patches_per_epoch": (_positive_int, "an int >= 1"),
+    "time_budget": (lambda v: v is None or _positive_number(v), "null or seconds > 0"),
+    "val_split": (lambda v: _fraction(v) and v < 1, "a number in [0, 1)"),
+    "bn_momentum": (lambda v: _fraction(v) and 0 < v < 1, "a number in (0, 1)"),
+    "ce_weight": (lambda v: _fraction(v, math.inf), "a number >= 0"),
+    "batch_dice": (lambda v: isinstance(v, bool), "true or false"),
+    "dice_weight": (lambda v: _fraction(v, math.inf), "a number >= 0"),
+    "tile_size": (lambda v: _positive_int(v) and v >= 16, "an int >= 16"),
+    "tta": (lambda v: v in (True, False, "auto"), 'true, false or "auto"'),
+    "min_component_size": (
+        lambda v: (
+            v == "auto" or (isinstance(v, dict) and all(_fraction(n, math.inf) for n in v.values()))
+        ),
+        '"auto" or {class: pixels}',
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------- fingerprint
+def _components(mask):
+    """Areas of the 8-connected components of a boolean mask."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    return np.bincount(labels.ravel())[1:] if count else np.zeros(0, int)
+
+
+def fingerprint(data):
+    """What the plan is derived from, for a :class:`kunet.data.FolderData`: sizes, channels,
+    intensities (as stored), class frequencies and object sizes."""
+    samples = data.samples
+    heights = np.array([s.mask.shape[0] for s in samples])
+    widths = np.array([s.mask.shape[1] for s in samples])
+    counts = np.zeros(data.num_classes)
+    areas = {c: [] for c in range(1, data.num_classes)}
+    for s in samples:
+        counts += np.bincount(s.mask.ravel(), minlength=data.num_classes)[: data.num_classes]
+        for c in areas:
+            areas[c].extend(_components(s.mask == c).tolist())
+    per_image, pooled = [], []
+    rng = np.random.default_rng(0)
+    for s in samples:
+        finite = s.image[np.isfinite(s.image)]
+        if finite.size:
+            per_image.append(np.percentile(finite, (1.0, 99.0)))
+            pooled.append(rng.choice(finite, min(finite.size, 100_000), replace=False))
+    per_image = np.asarray(per_image) if per_image else np.zeros((0, 2))
+    pooled = np.concatenate(pooled) if pooled else np.zeros(1)
+    objects = {}
+    for c, a in areas.items():
+        a = np.asarray(a, float)
+        objects[str(c)] = {
+            "count": int(a.size),
+            "median_area": float(np.median(a)) if a.size else 0.0,
+            "p5_area": float(np.percentile(a, 5)) if a.size else 0.0,
+            "min_area": float(a.min()) if a.size else 0.0,
+        }
+    return {
+        "images": len(samples),
+        "channels": data.channels,
+        "num_classes": data.num_classes,
+        "height": {
+            "min": int(heights.min()),
+            "median": float(np.median(heights)),
+            "max": int(heights.max()),
+        },  # fmt: skip
+        "width": {
+            "min": int(widths.min()),
+            "median": float(np.median(widths)),
+            "max": int(widths.max()),
+        },  # fmt: skip
+        "pixels": int((heights * widths).sum()),
+        "class_fractions": [round(float(c), 5) for c in counts / max(counts.sum(), 1)],
+        "objects": objects,
+        "intensity": {
+            "as_stored": data.normalized is None,
+            "dtypes": sorted({s.raw for s in samples if s.raw}),
+            "p1": float(np.percentile(pooled, 1.0)),
+            "p99": float(np.percentile(pooled, 99.0)),
+            "per_image_p1": [float(per_image[:, 0].min()), float(per_image[:, 0].max())],
+            "per_image_p99": [float(per_image[:, 1].min()), float(per_image[:, 1].max())],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------- plan
+def _round_down(value, multiple):
+    return max(multiple, int(value) // multiple * multiple)
+
+
+def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
+    """The settings (and the reason for each) for a fingerprint ``fp`` (see the module docstring)."""
+    side = min(fp["height"]["median"], fp["width"]["median"])
+    patch = min(MAX_PATCH_GPU if gpu else MAX_PATCH_CPU, max(64, _round_down(side, 16)))
+    depth = 4 if patch >= 128 else 3
+    filters = [16 * 2**i for i in range(depth)]
+    batch = min(16, max(4, round(PIXELS_PER_BATCH / patch**2)))
+    fractions = fp["class_fractions"][1:] or [1.0]
+    sparse = min(fractions) < 0.10
+    foreground = 0.5 if sparse else round(1 / 3, 4)
+    rate = PIXELS_PER_SECOND.get(backend, 3e5) * (20 if gpu else 1)
+    if time_budget:
+        total_patches = rate * float(time_budget) / patch**2
+        per_epoch = max(batch * 8, int(total_patches / EPOCHS_PER_BUDGET) // batch * batch)
+        epochs = 10_000  # the budget ends the run
+        passes = total_patches * patch**2 / max(fp["pixels"], 1)
+        why_epochs = (
+            f"{time_budget:g} s at ~{rate / 1e6:.2g} Mpx/s ({backend}{', GPU' if gpu else ''}): "
+            f"~{EPOCHS_PER_BUDGET} epochs of {per_epoch} patches"
+        )
+    else:
+        per_epoch = max(16, math.ceil(2 * fp["pixels"] / patch**2))
+        epochs = DEFAULT_EPOCHS
+        passes = epochs * 2
+        why_epochs = f"no time budget: {DEFAULT_EPOCHS} epochs, each covering the images twice"
+    augmentation = "heavy" if passes >= 200 else "medium" if passes >= 40 else "light"
+    n = fp["images"]
+    val_split = 0.0 if n < MIN_IMAGES_TO_HOLD_OUT else 0.1
+    intensity = fp["intensity"]
+    span = max(intensity["p99"] - intensity["p1"], 1e-6)
+    offset = (intensity["per_image_p1"][1] - intensity["per_image_p1"][0]) / span
+    per_image = offset > MAX_BACKGROUND_SHIFT or not intensity.get("as_stored", True)
+    settings = {
+        "patch_size": patch,
+        "batch_size": batch,
+        "filters": filters,
+        "normalization": "percentile" if per_image else "dataset",
+        "intensity_range": None
+        if per_image
+        else [round(intensity["p1"], 6), round(intensity["p99"], 6)],
+        "foreground": foreground,
+        "augmentation": augmentation,
+        "learning_rate": 2e-3,
+        "warmup": 0.03,
+        "schedule": "cosine",
+        "final_lr": 0.01,
+        "epochs": epochs,
+        "patches_per_epoch": per_epoch,
+        "time_budget": float(time_budget) if time_budget else None,
+        "val_split": round(val_split, 4),
+        "bn_momentum": 0.9,
+        "ce_weight": 1.0,
+        "dice_weight": 1.0,
+        "batch_dice": True,
+        "tile_size": min(512, 2 * patch),
+        "tta": "auto",
+        "min_component_size": "auto",
+    }
+    reasons = {
+        "patch_size": f"median image {fp['height']['median']:g}x{fp['width']['median']:g}",
+        "filters": f"{depth} levels: receptive field ~{2 ** (depth + 3) + 12} px for {patch}-px patches",
+        "batch_size": f"~{PIXELS_PER_BATCH // 1000}k pixels per batch, at least 4 for batch norm",
+        "foreground": "a foreground class under 10% of the pixels" if sparse else "objects common",
+        "augmentation": f"each pixel seen ~{passes:.0f} times",
+        "epochs": why_epochs,
+        "val_split": f"{n} images"
+        + (
+            f": under {MIN_IMAGES_TO_HOLD_OUT}, all train (a held-out image or two is too noisy "
+            "to pick a checkpoint by; the annealed last one is validated on the training images)"
+            if n < MIN_IMAGES_TO_HOLD_OUT
+            else ""
+        ),
+        "bn_momentum": "0.9 (~10 steps): Keras' 0.99 lags the weights of a short run",
+        "normalization": (
+            f"the images' background levels (1st percentiles) differ by {offset:.0%} of the "
+            + (
+                "intensity range: each image on its own"
+                if per_image
+                else "intensity range: one range for all, so intensities stay comparable"
+            )
+        ),
+    }
+    return {"kunet_plan": PLAN_VERSION, "settings": settings, "fingerprint": fp, "reasons": reasons}
+
+
+# ---------------------------------------------------------------------------------- files
+def check_settings(settings, where="plan"):
+    """DataError naming the first unknown setting (with the closest valid one) or bad value."""
+    for name, value in settings.items():
+        if name not in SETTINGS:
+            close = difflib.get_close_matches(name, SETTINGS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(
+                f"{where}: unknown setting {name!r}{hint} (valid: {', '.join(SETTINGS)})"
+            )
+        check, valid = SETTINGS[name]
+        if not check(value):
+            raise DataError(f"{where}: setting {name!r} must be {valid}; got {value!r}")
+    return settings
+
+
+def parse_overrides(pairs):
+    """``["patch_size=96", "augmentation=light"]`` -> settings (values read as JSON, else text)."""
+    out = {}
+    for pair in pairs or ():
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise DataError(f"--set expects NAME=VALUE; got {pair!r}")
+        try:
+            out[name.strip()] = json.loads(text)
+        except ValueError:
+            out[name.strip()] = text
+    return check_settings(out, "--set")
+
+
+def read_plan(path):
+    """A plan file, checked: DataError naming the file and the field at fault."""
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such plan file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a kunet plan (cannot parse it as JSON: {e})") from None
+    if not isinstance(plan, dict) or plan.get("kunet_plan") != PLAN_VERSION:
+        raise DataError(f'{path}: not a kunet plan (no "kunet_plan": {PLAN_VERSION})')
+    if not isinstance(plan.get("settings"), dict):
+        raise DataError(f'{path}: the plan has no "settings" object')
+    check_settings(plan["settings"], str(path))
+    missing = [name for name in SETTINGS if name not in plan["settings"]]
+    if missing:
+        raise DataError(f"{path}: the plan lacks the setting(s) {', '.join(missing)}")
+    return plan
+
+
+def plan_next_to(model_path):
+    """The plan saved beside a model (``RUN/plan.json`` for ``RUN/best.keras``), or None."""
+    path = Path(model_path).parent / "plan.json"
+    return read_plan(path) if path.is_file() else None
+
+
+def table(plan):
+    """The plan as lines of text: setting, value, reason."""
+    settings, reasons = plan["settings"], plan.get("reasons", {})
+    width = max(len(k) for k in settings)
+    lines = []
+    for name, value in settings.items():
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        reason = reasons.get(name, "")
+        lines.append(f"{name:<{width}}  {shown:<22}  {reason}".rstrip())
+    return lines
