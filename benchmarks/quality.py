@@ -66,7 +66,7 @@ def kunet(data, budget, seed, backend, runs, extra=()):
 
 def table(results, datasets, backends, budget):
     def median(key):
-        values = [r["dice"] for r in results if r["key"][:2] == key]
+        values = [r["dice"] for r in results if tuple(r["key"][:2]) == key]
         return statistics.median(values) if values else None
 
     lines = [
@@ -112,7 +112,7 @@ def main(argv=None):
     for seed in args.seeds:
         for name in args.datasets:
             for who in ("reference", *args.backends):
-                key = (name, who, seed, args.budget, args.kunet_args)
+                key = (name, who, seed, args.budget, "" if who == "reference" else args.kunet_args)
                 if key in done:
                     continue
                 if who == "reference":
@@ -124,7 +124,13 @@ def main(argv=None):
                 results_path.write_text(json.dumps(results, indent=1) + "\n")
                 print(f"{name:10s} {who:10s} seed {seed}: Dice {result['dice']:.4f} "
                       f"({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
-    wanted = [r for r in results if r["key"][3] == args.budget and r["key"][4] == args.kunet_args]
+    wanted = [
+        r
+        for r in results
+        if r["key"][3] == args.budget
+        and r["key"][4] in ("", args.kunet_args)
+        and (r["key"][1] == "reference" or r["key"][4] == args.kunet_args)
+    ]
     text = table(wanted, args.datasets, args.backends, args.budget)
     (args.out / "results.md").write_text(text)
     print(text)

