@@ -236,6 +236,14 @@ def _add_predict(sub):
     p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
     p.add_argument("--images", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
+    _add_inference(p)
+    p.add_argument("--quiet", action="store_true", help="print no progress")
+    _add_safety(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _add_inference(p):
+    """The inference settings predict and evaluate share (each default: the plan's)."""
     p.add_argument(
         "--tile-size",
         type=_positive_int,
@@ -248,9 +256,6 @@ def _add_predict(sub):
         default=None,
         help="average predictions over flips (default: as the plan beside the model measured)",
     )
-    p.add_argument("--quiet", action="store_true", help="print no progress")
-    _add_safety(p)
-    p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args):
@@ -279,18 +284,7 @@ def _add_evaluate(sub):
     p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
-    p.add_argument(
-        "--tile-size",
-        type=_positive_int,
-        default=None,
-        help="tile side for large images (default: the plan's, else 256)",
-    )
-    p.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="average predictions over flips (default: as the plan beside the model measured)",
-    )
+    _add_inference(p)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
     _add_safety(p, writes=False)
     p.set_defaults(func=_run_evaluate)

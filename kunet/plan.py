@@ -249,7 +249,7 @@ def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
         "bn_momentum": 0.9,
         "ce_weight": 1.0,
         "dice_weight": 1.0,
-        "batch_dice": True,
+        "batch_dice": sparse,
         "tile_size": min(512, 2 * patch),
         "tta": "auto",
         "min_component_size": "auto",
@@ -259,6 +259,11 @@ def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
         "filters": f"{depth} levels: receptive field ~{2 ** (depth + 3) + 12} px for {patch}-px patches",
         "batch_size": f"~{PIXELS_PER_BATCH // 1000}k pixels per batch, at least 4 for batch norm",
         "foreground": "a foreground class under 10% of the pixels" if sparse else "objects common",
+        "batch_dice": (
+            "sparse objects, absent from many patches: Dice over the whole batch is steadier"
+            if sparse
+            else "objects in most patches: Dice per patch"
+        ),
         "augmentation": f"each pixel seen ~{passes:.0f} times",
         "epochs": why_epochs,
         "val_split": f"{n} images"

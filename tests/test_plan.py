@@ -93,6 +93,7 @@ def test_sparse_foreground_is_oversampled(tmp_path):
     dense = _plan(*_folder(tmp_path / "dense", fraction=0.4))
     assert sparse["settings"]["foreground"] == 0.5 and "10%" in sparse["reasons"]["foreground"]
     assert dense["settings"]["foreground"] == pytest.approx(1 / 3, abs=1e-3)
+    assert sparse["settings"]["batch_dice"] is True and dense["settings"]["batch_dice"] is False
 
 
 def test_the_budget_sets_epoch_length_and_augmentation(tmp_path):
@@ -106,6 +107,21 @@ def test_the_budget_sets_epoch_length_and_augmentation(tmp_path):
     assert long["patches_per_epoch"] % long["batch_size"] == 0
     assert (short["augmentation"], long["augmentation"]) == ("light", "heavy")
     assert long["time_budget"] == 600.0 and long["epochs"] >= 1000  # the budget ends the run
+
+
+def test_normalization_keeps_one_range_unless_backgrounds_differ(tmp_path):
+    same = _plan(*_folder(tmp_path / "same", n=6))
+    assert same["settings"]["normalization"] == "dataset"
+    low, high = same["settings"]["intensity_range"]
+    assert 20 < low < 50 and 100 < high < 200  # the dataset's 1st and 99th percentiles
+    images, masks = _folder(tmp_path / "shifted", n=6)
+    for path in sorted(images.iterdir())[::2]:  # every other image exposed brighter
+        brighter = np.asarray(Image.open(path)).astype(int) + 100
+        Image.fromarray(brighter.clip(0, 255).astype("uint8")).save(path)
+    shifted = _plan(images, masks)
+    assert shifted["settings"]["normalization"] == "percentile"
+    assert shifted["settings"]["intensity_range"] is None
+    assert "each image on its own" in shifted["reasons"]["normalization"]
 
 
 def test_few_images_are_not_split_for_validation(tmp_path):
@@ -162,11 +178,11 @@ def test_train_uses_and_saves_the_plan_with_overrides(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
                        "--plan", path, "--batch-size", "2", "--set", "learning_rate=0.005",
-                       "--quiet")  # fmt: skip
+                       "foreground=0.25", "--quiet")  # fmt: skip
     assert code == 0, err
     used = json.loads((out / "plan.json").read_text())
     assert used["settings"]["augmentation"] == "none" and used["settings"]["batch_size"] == 2
-    assert used["settings"]["learning_rate"] == 0.005
+    assert used["settings"]["learning_rate"] == 0.005 and used["settings"]["foreground"] == 0.25
     assert used["reasons"]["batch_size"] == "set by the user"
     assert used["settings"]["tta"] in (True, False)  # "auto" resolved on the validation image
     assert isinstance(used["settings"]["min_component_size"], dict)
