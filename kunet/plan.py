@@ -15,8 +15,9 @@ normalization       ``dataset``: the dataset's 1st-99th percentiles to [0, 1] fo
                     the images' background levels agree (one acquisition); else ``percentile``:
                     each image's own 1st-99th percentiles (``zscore`` by hand: per-image mean/std
                     after clipping to the 0.5-99.5th percentiles)
-foreground          a third of the patches centred on an object; half when a foreground class
-                    covers less than 10% of the pixels
+foreground,         a third of the patches centred on an object, Dice per patch; when a foreground
+batch_dice          class covers less than 10% of the pixels, half of them, and the Dice taken over
+                    the whole batch (many patches hold no object)
 augmentation        flips and 90-degree rotations always; zoom and intensity changes when the run
                     sees each pixel 40+ times (``medium``), elastic deformation from 200 (``heavy``)
 learning_rate       Adam 2e-3, cosine decay to 1% of it -- over the time budget when there is one
@@ -26,9 +27,11 @@ epochs              with a time budget: ~12 epochs of equal length fill it (from
                     this backend's pixel throughput); without one: 40
 val_split           10% of the images from 20 images up; under 20 every image trains (one or two
                     held-out images are too noisy to pick a checkpoint by)
-tile_size, tta      inference in tiles of twice the patch, Gaussian-blended; flip TTA and the
-min_component_size  removal of small objects are measured on the held-out images at the end of
-                    training, and kept only where they raise the Dice (off without held-out images)
+tile_size, tta      inference in tiles of twice the patch, Gaussian-blended; the removal of small
+min_component_size  objects is measured on the held-out images at the end of training and kept
+                    where it raises the Dice; flip TTA (the model trained on flips) is on unless
+                    it lowers that Dice by more than 0.005; without held-out images, TTA on and
+                    the removal off
 ==================  ===============================================================================
 
 A plan is JSON (``plan.json``): ``{"kunet_plan": 1, "settings": {...}, "fingerprint": {...},

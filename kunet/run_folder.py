@@ -3,7 +3,8 @@
     state.json      the record: epochs done, history rows, best score, the checkpoints' hashes
     plan.json       the settings of the run (:mod:`kunet.plan`), committed with its first state
     last.keras      the model after the latest committed epoch (optimizer state included)
-    best.keras      the model with the best validation Dice so far
+    best.keras      the model with the best validation Dice so far (the latest epoch within
+                    ``train.VALIDATION_NOISE`` of it; the latest epoch when nothing is held out)
     history.csv     the history rows of state.json, as a table (rewritten from it)
     history.png     loss and Dice curves (drawn at the end of a run)
     overlays/       validation images: truth | prediction (drawn at the end of a run)

@@ -250,6 +250,54 @@ def test_without_held_out_images_tta_follows_the_training_flips():
     assert tune_inference(None, [], fixed, 2)["settings"]["tta"] is False  # a user's choice stays
 
 
+def test_the_kept_checkpoint_is_the_latest_within_the_noise_of_the_best():
+    from kunet.train import VALIDATION_NOISE, RecordEpochs
+
+    class Run:
+        kept = []
+
+        def commit(self, model, state, improved=False):
+            self.kept.append(improved)
+
+    state = {"history": [], "epoch": 0, "best_score": None, "best_epoch": None}
+    record = RecordEpochs(Run(), state, monitor="val_dice")
+    assert VALIDATION_NOISE == 0.005
+    # 0.947 is within 0.005 of the best (0.95): kept; 0.944 is not; drifting down stays anchored
+    for epoch, dice in enumerate([0.90, 0.95, 0.947, 0.944, 0.946, 0.96, 0.93]):
+        record.on_epoch_end(epoch, {"val_dice": dice})
+    assert Run.kept == [True, True, True, False, True, True, False]
+    assert state["best_epoch"] == 6 and state["best_score"] == 0.96 and state["epoch"] == 7
+
+
+def test_tta_stays_on_unless_it_clearly_lowers_the_held_out_dice(monkeypatch):
+    from types import SimpleNamespace
+
+    from kunet import train
+
+    mask = np.zeros((50, 50), "int32")
+    mask[:40, :25] = 1  # 1000 foreground pixels
+    lost = {}
+
+    def predict_labels(model, image, tile, tta, min_sizes=None):
+        pred = mask.copy()
+        if tta:
+            pred.flat[np.flatnonzero(mask)[: lost["pixels"]]] = 0
+        return pred
+
+    monkeypatch.setattr(train, "predict_labels", predict_labels)
+    samples = [SimpleNamespace(image=None, mask=mask)]
+
+    def tta(pixels, augmentation="light"):
+        lost["pixels"] = pixels
+        settings = {"tta": "auto", "min_component_size": {}, "tile_size": 64}
+        plan = {"settings": {**settings, "augmentation": augmentation}, "reasons": {}}
+        return train.tune_inference(None, samples, plan, 2)["settings"]["tta"]
+
+    assert tta(2) is True  # Dice 0.999 with flips vs 1.0 without: noise, the ensemble stays
+    assert tta(40) is False  # 0.980: clearly lower
+    assert tta(2, augmentation="none") is False  # never trained on flips: on only if it helps
+
+
 def test_predict_and_evaluate_follow_the_plan_beside_the_model(tmp_path, capsys):
     images, masks = make_folder(tmp_path / "d", n=5)
     out = tmp_path / "run"
