@@ -10,7 +10,8 @@ at a time (each has the machine to itself), in subprocesses; results are appende
     python benchmarks/quality.py                       # everything: ~4 datasets x 4 runs x 2 seeds
     python benchmarks/quality.py --datasets nuclei --backends torch --seeds 0 --budget 60
 
-Writes ``OUT/results.json`` and ``OUT/results.md`` (the table in the README).
+Writes ``OUT/results.json`` and ``OUT/results.md`` (the tables in the README): the Dice of each, and
+what flip TTA was worth (each kept model scored without and with it).
 """
 
 from __future__ import annotations
@@ -48,20 +49,56 @@ def reference(data, budget, seed):
     return {"dice": result["dice"], "wall_s": round(wall, 1), "steps": result["steps"]}
 
 
+def _env(backend):
+    return {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _evaluate(data, run, backend, *flags):
+    out, wall = _run([sys.executable, "-m", "kunet.cli", "evaluate", "--model",
+                      str(run / "best.keras"), "--images", str(data / "test" / "images"),
+                      "--masks", str(data / "test" / "masks"), "--json", *flags],
+                     env=_env(backend))  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])["mean_dice"], wall
+
+
 def kunet(data, budget, seed, backend, runs, extra=()):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = runs / f"{data.name}-{backend}-s{seed}"
-    cli = [sys.executable, "-m", "kunet.cli"]
-    _, wall = _run([*cli, "train", "--images", str(data / "train" / "images"), "--masks",
-                    str(data / "train" / "masks"), "--out", str(run), "--time-budget", str(budget),
-                    "--seed", str(seed), "--quiet", "--overwrite", *extra], env=env)  # fmt: skip
-    out, eval_wall = _run([*cli, "evaluate", "--model", str(run / "best.keras"), "--images",
-                           str(data / "test" / "images"), "--masks", str(data / "test" / "masks"),
-                           "--json"], env=env)  # fmt: skip
-    scores = json.loads(out.strip().splitlines()[-1])
+    _, wall = _run([sys.executable, "-m", "kunet.cli", "train", "--images",
+                    str(data / "train" / "images"), "--masks", str(data / "train" / "masks"),
+                    "--out", str(run), "--time-budget", str(budget), "--seed", str(seed),
+                    "--quiet", "--overwrite", *extra], env=_env(backend))  # fmt: skip
+    dice, eval_wall = _evaluate(data, run, backend)
     state = json.loads((run / "state.json").read_text())
-    return {"dice": scores["mean_dice"], "wall_s": round(wall, 1), "eval_s": round(eval_wall, 1),
-            "epochs": state["epoch"], "best_epoch": state.get("best_epoch")}  # fmt: skip
+    plan = json.loads((run / "plan.json").read_text())
+    return {"dice": dice, "wall_s": round(wall, 1), "eval_s": round(eval_wall, 1),
+            "epochs": state["epoch"], "best_epoch": state.get("best_epoch"),
+            "tta": plan["settings"]["tta"], **tta_scores(data, run, backend)}  # fmt: skip
+
+
+def tta_scores(data, run, backend):
+    """The kept model's test Dice without and with flip TTA (what the plan's choice was worth)."""
+    return {"dice_no_tta": _evaluate(data, run, backend, "--no-tta")[0],
+            "dice_tta": _evaluate(data, run, backend, "--tta")[0]}  # fmt: skip
+
+
+def tta_table(results, datasets, backends):
+    """Median test Dice of the kept models without / with flip TTA, per dataset and backend."""
+    lines = ["| dataset | " + " | ".join(f"{b}: no TTA / TTA" for b in backends) + " |",
+             "|---|" + "---|" * len(backends)]  # fmt: skip
+    for name in datasets:
+        cells = []
+        for backend in backends:
+            rows = [
+                r for r in results if tuple(r["key"][:2]) == (name, backend) and "dice_tta" in r
+            ]
+            if not rows:
+                cells.append("-")
+                continue
+            off = statistics.median(r["dice_no_tta"] for r in rows)
+            on = statistics.median(r["dice_tta"] for r in rows)
+            cells.append(f"{off:.3f} / {on:.3f} ({on - off:+.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results, datasets, backends, budget):
@@ -131,7 +168,14 @@ def main(argv=None):
         and r["key"][4] in ("", args.kunet_args)
         and (r["key"][1] == "reference" or r["key"][4] == args.kunet_args)
     ]
+    for r in wanted:  # runs recorded before the TTA columns existed: score their kept models
+        run = args.out / "runs" / f"{r['key'][0]}-{r['key'][1]}-s{r['key'][2]}"
+        if r["key"][1] != "reference" and "dice_tta" not in r and (run / "best.keras").is_file():
+            r.update(tta_scores(paths[r["key"][0]], run, r["key"][1]))
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
     text = table(wanted, args.datasets, args.backends, args.budget)
+    text += "\nFlip TTA, test Dice of the same kept models without / with it (median):\n\n"
+    text += tta_table(wanted, args.datasets, args.backends)
     (args.out / "results.md").write_text(text)
     print(text)
 
