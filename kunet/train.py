@@ -281,9 +281,8 @@ def tune_inference(model, samples, plan, num_classes):
     s, reasons = plan["settings"], plan["reasons"]
     tile = s["tile_size"]
     if not samples:
-        if (
-            s["tta"] == "auto"
-        ):  # flips averaged over a model trained on flips: an ensemble, not a bet
+        # flips averaged over a model trained on flips: an ensemble, not a bet
+        if s["tta"] == "auto":
             s["tta"] = s["augmentation"] != "none"
             reasons["tta"] = (
                 "no held-out images to measure it on; on, as the model was trained on flips"
@@ -415,9 +414,11 @@ def train(
     if not resume and run.holds_run() and not overwrite:
         _refuse_run(out, run)
     if resume:
-        kept = run_plan(run, state)["settings"]
+        kept = run_plan(run, state)
         changed = sorted(
-            k for k, v in overrides.items() if k not in RESUME_SETTINGS and kept.get(k) != v
+            k
+            for k, v in overrides.items()
+            if k not in RESUME_SETTINGS and kept["settings"].get(k) != v
         )
         if changed or plan is not None:
             raise DataError(
@@ -430,7 +431,7 @@ def train(
             raise DataError(
                 f"{run.state_path}: the run has {state['num_classes']} classes, not {num_classes}"
             )
-        plan = run_plan(run, state)
+        plan = kept
     elif plan is not None and not isinstance(plan, dict):
         plan = read_plan(plan)
     guesses = Guesses(strict)
