@@ -204,7 +204,21 @@ def _kunet(argv, env=None):
         text=True,
         env=env or _env(),
         timeout=600,
+        preexec_fn=_default_sigint,  # never inherit an ignored SIGINT from how pytest was started
     )
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """Python's own Ctrl-C handler while a test runs, however pytest was started (a shell starts a
+    background job with SIGINT ignored). Both SIGINT tests once saw exit 0 in a background run."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _resume_in_process(data, out, capsys):
