@@ -273,14 +273,24 @@ def test_a_nan_batch_in_a_dataset_stops_training_at_that_batch(make_unet, arrays
     x, y = arrays
     model = make_unet()
     with pytest.raises(NonFiniteError, match="epoch 1, batch 2: the loss is nan"):
-        model.fit(_Batches(x, y), epochs=2, verbose=0)
+        model.fit(_Batches(x, y), epochs=2, verbose=0, shuffle=False)
     with pytest.raises(NonFiniteError):  # also when the caller passed callbacks of their own
-        make_unet().fit(_Batches(x, y), epochs=1, verbose=0, callbacks=[keras.callbacks.History()])
+        make_unet().fit(
+            _Batches(x, y),
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras.callbacks.History()],
+        )
     with pytest.raises(ValueError, match="nan_policy='zero' replaces NaN/inf in arrays, but x is"):
         make_unet().fit(_Batches(x, y), epochs=1, verbose=0, nan_policy="zero")
     # Keras' own TerminateOnNaN, when given, is left to do its job (stop without raising).
     history = make_unet().fit(
-        _Batches(x, y), epochs=2, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
+        _Batches(x, y),
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
     )
     assert len(history.history["loss"]) == 1 and np.isnan(history.history["loss"][0])
 
