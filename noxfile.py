@@ -106,7 +106,8 @@ def kernels(session):
     python, env = _matrix_env(session)
     env.update({"KERAS_BACKEND": "torch", "TRITON_INTERPRET": "1"})
     session.run(
-        python, "-m", "pytest", "tests/kernels", "-p", "no:cacheprovider", "--timeout=900",
+        python, "-m", "pytest", "tests/kernels", "tests/test_parity.py", "-k", "triton or kernels",
+        "-p", "no:cacheprovider", "--timeout=900",
         *session.posargs, env=env, external=True,
     )  # fmt: skip
     session.run(python, "-m", "kunet.kernels.aot", env=env, external=True)

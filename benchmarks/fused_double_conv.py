@@ -45,7 +45,7 @@ def _cuda_available() -> bool:
 
 
 def _memory_report(dtypes):
-    from kunet.kernels import memory
+    import saved_memory as memory  # benchmarks/saved_memory.py (this folder is on sys.path)
 
     print("bytes saved for backward (training mode), fused vs the torch-eager plain path vs the")
     print("Keras sublayers (plain):")

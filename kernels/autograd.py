@@ -1,31 +1,23 @@
-"""torch.autograd.Function(s) around the fused DoubleConv kernels, and the layer entry point.
+"""torch.autograd.Function s around the fused DoubleConv kernels: tensors in, tensors out.
 
-:func:`double_conv_layer_forward` is what :mod:`kunet._fused` calls for a
-:class:`kunet.layers.DoubleConv` on the torch backend.  It runs
+* :class:`DoubleConvTrainFn` (training, batch statistics): conv1 with batch statistics in its
+  epilogue, a deterministic finalize, conv2 with BN1 + ReLU applied in its prologue and statistics
+  in its epilogue, finalize, BN2 + ReLU.  Saved for backward: x, the raw conv outputs y1 and y2, and
+  per-channel vectors only; the normalized activations are recomputed.  The batch statistics
+  (biased variance) are handed back for the caller's moving-statistics update.
+* :class:`DoubleConvInferenceFn` (BN folded into the convolutions by the caller): conv + bias +
+  ReLU twice; its backward gives gradients to x, the kernels and biases (and so, through the
+  caller's differentiable folding, to gamma and beta: fine-tuning with frozen BN).
 
-* training (both BatchNormalizations trainable): :class:`DoubleConvTrainFn` - conv1 with batch
-  statistics in its epilogue, a deterministic finalize, conv2 with BN1 + ReLU applied in its
-  prologue and statistics in its epilogue, finalize, BN2 + ReLU.  Saved for backward: x, the raw
-  conv outputs y1 and y2, and per-channel vectors only; the normalized activations are recomputed.
-  The moving statistics are updated exactly as ``keras.layers.BatchNormalization`` does
-  (``moving = moving * momentum + batch * (1 - momentum)``, biased batch variance).
-* inference (``training=False``, or both BN layers frozen: Keras runs a frozen BN in inference mode):
-  :class:`DoubleConvInferenceFn` - BN folded into the convolutions (differentiable torch ops on the
-  variables), conv + bias + ReLU twice; its backward gives gradients to x, the kernels and, through
-  the folding, gamma and beta (fine-tuning with frozen BN).
-* anything else (only one of the two BN layers frozen; a BN without center/scale or with renorm):
-  the plain Keras sublayers, same semantics, no fused kernel.
-
-The Keras variables' ``.value`` (the torch Parameters Keras' trainer differentiates) are the
-autograd inputs, so gradients reach the Keras variables.  Activations may be fp32, fp16 or bf16;
-variables stay fp32; statistics and accumulation are fp32; the output has x's dtype.
+The Keras-facing side (which layer runs this, BN folding, the moving statistics) is
+:mod:`kunet.backends.triton`.  Activations may be fp32, fp16 or bf16; weights stay fp32; statistics
+and accumulation are fp32; the output has x's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 from kunet.kernels import double_conv as K
-from kunet.kernels.torch_eager import update_moving_statistics
 
 
 def _stat_vectors(part_mean, part_m2, gamma, beta, m, eps):
@@ -127,51 +119,3 @@ class DoubleConvInferenceFn(torch.autograd.Function):
             dw2.to(w2.dtype) if dw2 is not None else None,
             dc2,
         )
-
-
-def _folded(conv, bn):
-    """BN with its moving statistics folded into the conv, as differentiable torch ops (fp32):
-    ``(kernel * s, beta - moving_mean * s)`` with ``s = gamma / sqrt(moving_variance + eps)``."""
-    f32 = torch.float32
-    s = bn.gamma.value.to(f32) * torch.rsqrt(bn.moving_variance.value.to(f32) + bn.epsilon)
-    return conv.kernel.value.to(f32) * s, bn.beta.value.to(f32) - bn.moving_mean.value.to(f32) * s
-
-
-def double_conv_inference(layer, x):
-    """Inference-mode forward: two conv + bias + ReLU kernels with BN folded in (differentiable)."""
-    w1, c1 = _folded(layer.conv1, layer.bn1)
-    w2, c2 = _folded(layer.conv2, layer.bn2)
-    return DoubleConvInferenceFn.apply(x, w1, c1, w2, c2)
-
-
-def double_conv_layer_forward(layer, x, training: bool):
-    """Run :class:`kunet.layers.DoubleConv` ``layer`` on the NHWC torch tensor ``x`` (fused path)."""
-    bn1, bn2 = layer.bn1, layer.bn2
-    for bn in (bn1, bn2):
-        if bn.center is False or bn.scale is False or getattr(bn, "renorm", False):
-            return layer.call_sublayers(
-                x, training
-            )  # a non-default BN the kernels do not implement
-    batch_mode = training and bn1.trainable and bn2.trainable
-    frozen = (not training) or (not bn1.trainable and not bn2.trainable)
-    if batch_mode:
-        stats: dict = {}
-        out = DoubleConvTrainFn.apply(
-            x,
-            layer.conv1.kernel.value,
-            bn1.gamma.value,
-            bn1.beta.value,
-            layer.conv2.kernel.value,
-            bn2.gamma.value,
-            bn2.beta.value,
-            float(bn1.epsilon),
-            float(bn2.epsilon),
-            stats,
-        )
-        with torch.no_grad():
-            update_moving_statistics(bn1, stats["mean1"], stats["var1"])
-            update_moving_statistics(bn2, stats["mean2"], stats["var2"])
-        return out
-    if frozen:
-        return double_conv_inference(layer, x)
-    return layer.call_sublayers(x, training)  # one BN frozen, the other not: rare, left to Keras

@@ -8,9 +8,8 @@
 import os as _os
 import sys as _sys
 
-# kernels/ is installed as kunet.kernels (pyproject package-dir). When kunet is imported straight
-# from a source checkout (e.g. `python -m kunet.kernels.aot` run in the repository root, where the
-# checkout shadows the installed package), let the checkout's kernels/ answer to that name as well.
+# Kept because kernels/ (a top-level folder) installs as kunet.kernels: in a source checkout on
+# sys.path (`python -m kunet.kernels.aot` in the repository root) kunet/ has no kernels/ of its own.
 _here = _os.path.dirname(__file__)
 if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
     _os.path.join(_here, _os.pardir, "kernels", "double_conv.py")
@@ -18,12 +17,14 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
     __path__.append(_os.path.dirname(_here))  # noqa: F821 (package __path__)
 
 # TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX512_VNNI, AVX512_BF16 or
-# AMX; elsewhere (AVX2 machines, most AMD ones) it runs Eigen's, and kunet trained at 0.72x the PyTorch
-# reference instead of 1.15x on a 2-core AVX2 EPYC (benchmarks/README.md). TensorFlow reads the variable
-# when it is imported, so this only acts when kunet is imported before TensorFlow (``import kunet``
-# before ``import keras`` under the TensorFlow backend, the kunet CLI), and never overrides a value the
-# user set: ``TF_ENABLE_ONEDNN_OPTS=0`` keeps TensorFlow's Eigen kernels.
-if "tensorflow" not in _sys.modules:
+# AMX; elsewhere (AVX2 machines, most AMD ones) it runs Eigen's, and kunet trains much slower
+# (benchmarks/README.md). TensorFlow reads the variable when it is imported, so this only acts when
+# kunet is imported before TensorFlow (``import kunet`` before ``import keras`` under the TensorFlow
+# backend, the kunet CLI), and never overrides a value the user set: ``TF_ENABLE_ONEDNN_OPTS=0``
+# keeps TensorFlow's Eigen kernels. Imported after TensorFlow, it is too late:
+# kunet.dispatch.check_tensorflow_onednn then warns (once) where oneDNN was left off, with the fix.
+_tensorflow_first = "tensorflow" in _sys.modules
+if not _tensorflow_first:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from kunet import (  # noqa: E402
@@ -38,8 +39,13 @@ from kunet import (  # noqa: E402
     metrics,
     outputs,
 )
-from kunet._fused import FusedUnavailableError, get_fused, set_fused  # noqa: E402
+from kunet.dispatch import FusedUnavailableError, explain, get_fused, set_fused  # noqa: E402
 from kunet.model import UNet  # noqa: E402
+
+if _tensorflow_first:
+    from kunet.dispatch import check_tensorflow_onednn as _check_onednn
+
+    _check_onednn()
 
 __version__ = "0.1.0"
 
@@ -55,6 +61,7 @@ __all__ = [
     "losses",
     "metrics",
     "outputs",
+    "explain",
     "set_fused",
     "get_fused",
     "FusedUnavailableError",

@@ -13,8 +13,9 @@ where ``__call__`` adds nothing to an inference step, so a plan exists only when
   computation), used once, with no activity regularizer;
 * every layer computes in float32 (no autocasting to do) and the model has one input and one output.
 
-The caller (:meth:`kunet.UNet.call`) uses it only for inference (``training`` falsy, no mask) on real
-torch tensors; everything else takes Keras' own path. Tests: ``tests/test_eager.py``.
+It is the ``UNet`` "torch" implementation (:mod:`kunet.backends.torch_ops`), for inference
+(``training`` falsy, no mask) on real torch tensors; everything else takes Keras' own path. Tests:
+``tests/test_eager.py``.
 """
 
 from __future__ import annotations
@@ -54,30 +55,37 @@ class EagerPlan:
 
     @classmethod
     def build(cls, model):
+        plan = cls.plan_or_reason(model)
+        return plan if isinstance(plan, cls) else None
+
+    @classmethod
+    def plan_or_reason(cls, model):
+        """The plan, or why ``model`` does not qualify (a string)."""
         if len(model.inputs) != 1 or len(model.outputs) != 1:
-            return None
+            return "more than one input or output"
         slots = {id(model.inputs[0]): 0}
         steps = []
         for layer in model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            if (
-                type(layer) not in _PLAIN_CALL
-                or getattr(layer, "activity_regularizer", None) is not None
-                or layer.compute_dtype != "float32"
-                or len(getattr(layer, "_inbound_nodes", ())) != 1
-            ):
-                return None
+            if type(layer) not in _PLAIN_CALL:
+                return f"layer {layer.name} ({type(layer).__name__}) may rely on __call__"
+            if getattr(layer, "activity_regularizer", None) is not None:
+                return f"layer {layer.name} has an activity regularizer"
+            if layer.compute_dtype != "float32":
+                return f"layer {layer.name} computes in {layer.compute_dtype}"
+            if len(getattr(layer, "_inbound_nodes", ())) != 1:
+                return f"layer {layer.name} is used more than once"
             inputs = layer.input
             as_list = isinstance(inputs, (list, tuple))
             sources = list(inputs) if as_list else [inputs]
             if any(id(t) not in slots for t in sources):
-                return None  # not in execution order
+                return "layers not in execution order"
             takes_training = "training" in inspect.signature(layer.call).parameters
             steps.append((layer.call, [slots[id(t)] for t in sources], as_list, takes_training))
             slots[id(layer.output)] = len(slots)
         output = slots.get(id(model.outputs[0]))
-        return None if output is None else cls(steps, output)
+        return "the output is no layer's output" if output is None else cls(steps, output)
 
     def __call__(self, x):
         values = [x]
@@ -85,3 +93,21 @@ class EagerPlan:
             args = ([values[i] for i in sources],) if as_list else (values[sources[0]],)
             values.append(call(*args, training=False) if takes_training else call(*args))
         return values[self.output_slot]
+
+
+def replay_plan(model):
+    """``model``'s :class:`EagerPlan` (built once), or None where it does not qualify."""
+    plan = _plan_or_reason(model)
+    return plan if isinstance(plan, EagerPlan) else None
+
+
+def replay_refusal(model) -> str | None:
+    """Why ``model`` has no :class:`EagerPlan`, or None."""
+    plan = _plan_or_reason(model)
+    return None if isinstance(plan, EagerPlan) else plan
+
+
+def _plan_or_reason(model):
+    if "_eager_plan_cache" not in model.__dict__:
+        model.__dict__["_eager_plan_cache"] = EagerPlan.plan_or_reason(model)
+    return model.__dict__["_eager_plan_cache"]

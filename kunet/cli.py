@@ -144,8 +144,8 @@ def _run_plan(args):
     import keras
 
     from kunet import plan as kplan
-    from kunet._fused import has_accelerator
     from kunet.data import load_folder
+    from kunet.dispatch import has_accelerator
     from kunet.io import DataError, Guesses
     from kunet.outputs import atomic_write_bytes, check_existing, check_separate, check_writable
 

@@ -8,6 +8,10 @@ so checkpoints move freely between the two paths and between backends.
 ``MaxPool2x`` is ``MaxPooling2D(2)``, with faster paths on the backends where Keras' own ones were
 measured slow (layout copies on torch, XLA:CPU's transposed-convolution and pooling backward passes
 on JAX); see ``benchmarks/``.
+
+Which path runs is decided in one place, :mod:`kunet.dispatch`: each of these layers asks it once
+per call (the answer is cached per context) and runs the implementation it names. The Keras layers
+themselves are registered here as each layer type's reference implementation.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kunet import _fused
+from kunet import conv_bn_math as cbm
+from kunet import dispatch
 from kunet._args import check_kwargs
 
 _PACKAGE = "kunet.layers"
@@ -68,6 +73,8 @@ class DoubleConv(keras.layers.Layer):
         >>> DoubleConv(16)([skip, up])   # == DoubleConv(16)(concatenate([skip, up], axis=-1))
     """
 
+    dispatch_type = "DoubleConv"
+
     def __init__(
         self,
         filters,
@@ -87,7 +94,8 @@ class DoubleConv(keras.layers.Layer):
         if not 0.0 <= float(bn_momentum) < 1.0:
             raise ValueError(f"DoubleConv: bn_momentum must be in [0, 1); got {bn_momentum!r}")
         self.bn_momentum = float(bn_momentum)
-        self.fused = _fused.validate_policy(fused, name="DoubleConv(fused=...)")
+        self.fused = dispatch.validate_policy(fused, name="DoubleConv(fused=...)")
+        self._parts = 1
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
@@ -116,6 +124,8 @@ class DoubleConv(keras.layers.Layer):
             self.bn1 = self.bn2 = None
 
     def build(self, input_shape):
+        several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
+        self._parts = len(input_shape) if several else 1
         input_shape = _concatenated_shape(input_shape)
         mid_shape = input_shape[:-1] + (self.filters,)
         self.conv1.build(input_shape)
@@ -126,33 +136,42 @@ class DoubleConv(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        first = parts[0]
-        if _fused.use_fused(self.fused, first, batch_norm=self.batch_norm):
-            # the Triton kernel reads one tensor
-            return _fused.double_conv(self, _concatenated(parts), training=bool(training))
-        if _fused.use_torch_eager(self, first):
-            return _fused.torch_double_conv(self, parts, training=bool(training))
-        if _fused.use_tensorflow_ops(self, first):
-            return _fused.tensorflow_double_conv(self, parts, training=bool(training))
-        if len(parts) > 1 and _fused.use_jax_ops(first) and _plain_conv(self.conv1):
-            # XLA:CPU: per-part convolutions took 92 ms forward + backward at the benchmark UNet's
-            # four decoder shapes, against 152 ms for one convolution of the concatenation
-            return self.call_sublayers(parts, training, split=True)
-        return self.call_sublayers(inputs, training)
+        training = bool(training)
+        impl = dispatch.choose(self, self.dispatch_context(parts[0], training, len(parts)))
+        return impl.forward(self._steps(training), parts, training, self.call_sublayers)
 
-    def call_sublayers(self, inputs, training=None, split=False):
+    @property
+    def implementation(self) -> dict:
+        """The implementation this layer ran at its latest call, per mode, e.g. ``{"training":
+        "torch", "inference": "torch"}`` (:func:`kunet.dispatch.implementation`)."""
+        return dispatch.implementation(self)
+
+    def dispatch_context(self, x, training, parts=None):
+        """The :class:`kunet.dispatch.Context` of a call on ``x`` (the first input)."""
+        frozen = tuple(not bn.trainable for bn in (self.bn1, self.bn2) if bn is not None)
+        return dispatch.context(self, x, training, parts=parts or self._parts, frozen=frozen)
+
+    def _steps(self, training):
+        """The two convolutions and their BatchNormalizations as tensors and numbers
+        (:class:`kunet.conv_bn_math.ConvBN`), what the implementations read."""
+        return tuple(
+            cbm.ConvBN(conv.kernel, conv.bias if conv.use_bias else None, _bn_params(bn, training))
+            for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2))
+        )
+
+    def call_sublayers(self, inputs, training=None, first_conv=None):
         """The reference path: the Keras ``Conv2D`` / ``BatchNormalization`` sublayers in turn.
 
-        A list of inputs is concatenated along channels, or with ``split=True`` convolved part by part
-        with the matching slices of the first kernel and summed.
+        A list of inputs is concatenated along channels, unless ``first_conv(conv, parts)`` computes
+        the first convolution of the parts (e.g. part by part: ``kunet.backends.jax_ops``).
         """
         parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
         def bn_relu(bn, x):
             return ops.relu(x if bn is None else bn(x, training=training))
 
-        if split and len(parts) > 1:
-            x = _split_conv(self.conv1, parts)
+        if first_conv is not None:
+            x = first_conv(self.conv1, parts)
         else:
             x = self.conv1(_concatenated(parts))
         x = bn_relu(self.bn1, x)
@@ -202,25 +221,42 @@ def _concatenated(parts):
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
-def _split_conv(conv, parts):
-    """``conv(concatenate(parts, -1))`` as a sum of convolutions of each part with its kernel slice."""
-    kernel = conv.kernel
-    y, start = None, 0
-    for part in parts:
-        stop = start + part.shape[-1]
-        out = ops.conv(
-            part,
-            ops.cast(kernel[:, :, start:stop, :], part.dtype),
-            strides=conv.strides,
-            padding=conv.padding,
-            data_format="channels_last",
-            dilation_rate=conv.dilation_rate,
-        )
-        y = out if y is None else y + out
-        start = stop
-    if conv.use_bias:
-        y = y + ops.cast(conv.bias, y.dtype)
-    return y if conv.activation is None else conv.activation(y)
+def _bn_params(bn, training):
+    if bn is None:
+        return None
+    return cbm.BatchNormParams(
+        bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance, float(bn.momentum),
+        float(bn.epsilon), batch_statistics=training and bn.trainable,
+    )  # fmt: skip
+
+
+def unusual_batch_norm(layer) -> str | None:
+    """Why ``layer``'s (a DoubleConv) BatchNormalizations are not the kind the fast paths implement
+    (without center/scale, with renorm, synchronized across replicas), or None."""
+    for bn in (layer.bn1, layer.bn2):
+        if bn is None:
+            continue
+        for option, unusual in (("center", not bn.center), ("scale", not bn.scale),
+                                ("renorm", getattr(bn, "renorm", False)),
+                                ("synchronized", getattr(bn, "synchronized", False))):  # fmt: skip
+            if unusual:
+                return f"BatchNormalization {option}={getattr(bn, option)!r}"
+    return None
+
+
+def plain_conv_reason(layer) -> str | None:
+    """Why the convolution ``layer``'s options are not those the fast paths implement, or None."""
+    if layer.data_format != "channels_last":
+        return f"data_format={layer.data_format!r}"
+    if getattr(layer, "groups", 1) != 1:
+        return f"groups={layer.groups}"
+    if any(d != 1 for d in layer.dilation_rate):
+        return f"dilation_rate={tuple(layer.dilation_rate)}"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA enabled"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f"quantized ({layer.quantization_mode})"
+    return None
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
@@ -318,48 +354,46 @@ def _upsample_axis(x, axis):
     return ops.reshape(ops.stack([even, odd], axis=axis + 1), new_shape)
 
 
+class _Dispatched:
+    """Mixin of a layer with fast paths: ``call`` runs what :mod:`kunet.dispatch` chooses."""
+
+    dispatch_type: str
+
+    def dispatch_context(self, x, training=None, parts=None):
+        return dispatch.context(self, x)  # no training mode
+
+    @property
+    def implementation(self) -> dict:
+        """The implementation this layer ran at its latest call, per mode, e.g. ``{"training":
+        "torch", "inference": "torch"}`` (:func:`kunet.dispatch.implementation`)."""
+        return dispatch.implementation(self)
+
+    def call(self, inputs):
+        return dispatch.choose(self, self.dispatch_context(inputs)).forward(self, inputs)
+
+
 @keras.saving.register_keras_serializable(_PACKAGE)
-class MaxPool2x(keras.layers.Layer):
+class MaxPool2x(_Dispatched, keras.layers.Layer):
     """2x2 max-pooling with stride 2 (``keras.layers.MaxPooling2D(2)``, no variables).
 
-    On the torch backend it pools a channels_last view directly (``F.max_pool2d``), where Keras'
-    own layer copies the tensor to NCHW and back; on JAX it is a max over a reshape (a faster
-    backward on XLA:CPU); on TensorFlow it is Keras' ``ops.max_pool``.
+    Implementations (:func:`kunet.explain` says which runs): on torch a channels_last view pooled
+    directly (``F.max_pool2d``, where Keras' own layer copies the tensor to NCHW and back); on JAX a
+    max over a reshape (a faster backward on XLA:CPU); elsewhere Keras' ``ops.max_pool``.
     """
+
+    dispatch_type = "MaxPool2x"
 
     def __init__(self, **kwargs):
         _check_kwargs(self, kwargs)
         super().__init__(**kwargs)
-
-    def call(self, inputs):
-        if _fused.use_torch_eager(None, inputs):
-            return _fused.torch_max_pool2x(inputs)
-        if _fused.use_jax_ops(inputs):
-            # max over a (2, 2) reshape: XLA:CPU's reduce-window backward (select-and-scatter)
-            # took 2-7x longer than the reduction's at the UNet's shapes.
-            n, h, w, c = ops.shape(inputs)
-            x = inputs[:, : h // 2 * 2, : w // 2 * 2, :]
-            return ops.max(ops.reshape(x, (n, h // 2, 2, w // 2, 2, c)), axis=(2, 4))
-        return ops.max_pool(inputs, pool_size=2, strides=2, padding="valid")
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         return (n, None if h is None else h // 2, None if w is None else w // 2, c)
 
 
-def _plain_conv(layer) -> bool:
-    """Options the torch channels_last convolutions implement (others run Keras' own call)."""
-    return (
-        layer.data_format == "channels_last"
-        and getattr(layer, "groups", 1) == 1
-        and all(d == 1 for d in layer.dilation_rate)
-        and not getattr(layer, "lora_enabled", False)
-        and getattr(layer, "quantization_mode", None) is None
-    )
-
-
 @keras.saving.register_keras_serializable(_PACKAGE)
-class Conv2D(keras.layers.Conv2D):
+class Conv2D(_Dispatched, keras.layers.Conv2D):
     """``keras.layers.Conv2D`` (same arguments, variables and config) that avoids layout copies on torch.
 
     On the torch backend, stride 1 with ``"valid"`` padding or an odd kernel with ``"same"`` runs as
@@ -367,69 +401,64 @@ class Conv2D(keras.layers.Conv2D):
     to NCHW and back. Everywhere else (and for other options) it is Keras' layer.
     """
 
+    dispatch_type = "Conv2D"
+
     def __init__(self, *args, **kwargs):
         _check_kwargs(self, kwargs)
         super().__init__(*args, **kwargs)
 
-    def call(self, inputs):
-        if (
-            _fused.use_torch_eager(None, inputs)
-            and _plain_conv(self)
-            and all(s == 1 for s in self.strides)
-            and (self.padding == "valid" or all(k % 2 == 1 for k in self.kernel_size))
-        ):
-            outputs = _fused.torch_conv2d(self, inputs)
-            return outputs if self.activation is None else self.activation(outputs)
-        return super().call(inputs)
-
 
 @keras.saving.register_keras_serializable(_PACKAGE)
-class Conv2DTranspose(keras.layers.Conv2DTranspose):
+class Conv2DTranspose(_Dispatched, keras.layers.Conv2DTranspose):
     """``keras.layers.Conv2DTranspose`` (same arguments, variables and config), faster where measured.
 
     A kernel equal to its strides (the UNet's 2x2 stride-2 up-convolution) with ``"valid"`` padding
     maps every input pixel to its own output block, so it is a matrix product and a depth-to-space
-    reshape:
-
-    * on torch it runs as ``F.conv_transpose2d`` on a channels_last view of the NHWC tensor (Keras'
-      own layer copies the tensor to NCHW and back);
-    * on JAX it runs as that matrix product (``ops.einsum``): XLA:CPU lowers Keras' transposed
-      convolution to an input-dilated convolution whose backward pass took 40-110 ms per layer at
-      batch 8 where the product takes 2-5 ms (benchmarks/README.md).
-
-    Anything else, and TensorFlow, is Keras' layer.
+    reshape: on torch ``F.conv_transpose2d`` on a channels_last view (Keras' own layer copies the
+    tensor to NCHW and back), on JAX that matrix product (``ops.einsum``; XLA:CPU's transposed
+    convolution has a slow backward pass). Anything else, and TensorFlow, is Keras' layer.
     """
+
+    dispatch_type = "Conv2DTranspose"
 
     def __init__(self, *args, **kwargs):
         _check_kwargs(self, kwargs)
         super().__init__(*args, **kwargs)
 
-    def _block_transpose(self) -> bool:
-        return (
-            _plain_conv(self)
-            and tuple(self.kernel_size) == tuple(self.strides)
-            and self.padding == "valid"
-            and self.output_padding is None
-        )
+    def block_transpose_reason(self) -> str | None:
+        """Why this is not the block form (kernel == strides, "valid") the fast paths take, or None."""
+        if tuple(self.kernel_size) != tuple(self.strides):
+            return f"kernel_size {tuple(self.kernel_size)} != strides {tuple(self.strides)}"
+        if self.padding != "valid":
+            return f"padding={self.padding!r}"
+        if self.output_padding is not None:
+            return f"output_padding={self.output_padding}"
+        return plain_conv_reason(self)
 
-    def call(self, inputs):
-        if not self._block_transpose():
-            return super().call(inputs)
-        if _fused.use_torch_eager(None, inputs):
-            outputs = _fused.torch_conv_transpose2d(self, inputs)
-        elif _fused.use_jax_ops(inputs):
-            outputs = self._matmul_transpose(inputs)
-        else:
-            return super().call(inputs)
-        return outputs if self.activation is None else self.activation(outputs)
 
-    def _matmul_transpose(self, inputs):
-        """``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])``."""
-        n, h, w, _ = ops.shape(inputs)
-        sh, sw = self.strides
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        outputs = ops.einsum("nijc,aboc->niajbo", inputs, kernel)
-        outputs = ops.reshape(outputs, (n, h * sh, w * sw, self.filters))
-        if self.use_bias:
-            outputs = outputs + ops.cast(self.bias, inputs.dtype)
-        return outputs
+# ---------------------------------------------------------------------------------- references
+def activated(layer, y):
+    """``y`` through ``layer``'s activation, as Keras' convolution layers end their ``call``."""
+    return y if layer.activation is None else layer.activation(y)
+
+
+@dispatch.register("DoubleConv", dispatch.REFERENCE, rank=100, description="Keras sublayers")
+def _double_conv_reference(steps, parts, training, sublayers):
+    return sublayers(parts, training)
+
+
+@dispatch.register("MaxPool2x", dispatch.REFERENCE, rank=100, description="ops.max_pool")
+def _max_pool_reference(layer, x):
+    return ops.max_pool(x, pool_size=2, strides=2, padding="valid")
+
+
+@dispatch.register("Conv2D", dispatch.REFERENCE, rank=100, description="keras.layers.Conv2D")
+def _conv2d_reference(layer, x):
+    return keras.layers.Conv2D.call(layer, x)
+
+
+@dispatch.register(
+    "Conv2DTranspose", dispatch.REFERENCE, rank=100, description="keras.layers.Conv2DTranspose"
+)
+def _conv_transpose_reference(layer, x):
+    return keras.layers.Conv2DTranspose.call(layer, x)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import inspect
 
 import keras
-import numpy as np
 
-from kunet import _eager, _fused, _validation, blocks, io
+from kunet import _validation, blocks, dispatch, io
 from kunet._args import check_kwargs
 from kunet.callbacks import TerminateOnNonFinite
 from kunet.layers import CropLike, PadToMultiple
@@ -109,7 +108,7 @@ class UNet(keras.Model):
         filters, input_shape = _check_config(
             num_classes, filters, input_shape, upsampling, dropout, output_activation
         )
-        fused = _fused.validate_policy(fused, name="UNet(fused=...)")
+        fused = dispatch.validate_policy(fused, name="UNet(fused=...)")
         common = {"batch_norm": batch_norm, "bn_momentum": bn_momentum, "fused": fused}
 
         inputs = keras.Input(shape=input_shape, name="image")
@@ -139,25 +138,25 @@ class UNet(keras.Model):
         self.compile()
 
     # ------------------------------------------------------------------ configuration
+    dispatch_type = "UNet"
+    dispatch_types = ("UNet", "UNet inputs")
+
     def call(self, inputs, training=None, mask=None, **kwargs):
-        """The functional graph; torch eager inference replays it without Keras' per-layer
+        """The functional graph; on torch, inference replays it without Keras' per-layer
         ``__call__`` (:class:`kunet._eager.EagerPlan`: same layers, same result, less Python)."""
-        if (
-            not training
-            and mask is None
-            and not kwargs
-            and keras.ops.is_tensor(inputs)
-            and _fused.use_torch_eager(None, inputs)
-        ):
-            plan = self._eager_plan()
-            if plan is not None:
-                return plan(inputs)
+        if mask is None and not kwargs and keras.ops.is_tensor(inputs):
+            impl = dispatch.choose(self, self.dispatch_context(inputs, training))
+            return impl.forward(self, inputs, training)
         return super().call(inputs, training=training, mask=mask, **kwargs)
 
-    def _eager_plan(self):
-        if not hasattr(self, "_eager_plan_cache"):
-            self._eager_plan_cache = _eager.EagerPlan.build(self)
-        return self._eager_plan_cache
+    def dispatch_context(self, x, training=False, parts=None):
+        return dispatch.context(self, x, training)
+
+    @property
+    def implementation(self) -> dict:
+        """The implementation of the model's own call at its latest call, per mode (``"torch"``:
+        the inference replay); :func:`kunet.explain` lists every layer's."""
+        return dispatch.implementation(self)
 
     def get_config(self):
         return {
@@ -313,65 +312,28 @@ class UNet(keras.Model):
         return self._run("predict", x, *args, **kwargs)
 
     def _run(self, method, *args, **kwargs):
-        """Keras' ``fit`` / ``evaluate`` / ``predict``; on TensorFlow, NumPy arrays are fed through
-        :func:`kunet.kernels.tensorflow_data.array_dataset` (tf.data without autotuning threads that
-        compete with the step on small machines), where the arguments allow it."""
+        """Keras' ``fit`` / ``evaluate`` / ``predict``, its inputs fed as the ``UNet inputs``
+        implementation decides (on TensorFlow, NumPy arrays through a tf.data pipeline without
+        autotuning threads: :mod:`kunet.backends.tensorflow_data`)."""
         run = getattr(super(), method)
-        if keras.backend.backend() == "tensorflow":
+        impl = dispatch.choose(self, self.dispatch_context(None, method == "fit"), "UNet inputs")
+        if impl.name != dispatch.REFERENCE:
             bound = inspect.signature(run).bind(*args, **kwargs)
-            if _feed_arrays_as_dataset(method, bound.arguments):
+            if impl.forward(self, method, bound.arguments):
                 return run(*bound.args, **bound.kwargs)
         return run(*args, **kwargs)
 
 
-def _arrays(*values):
-    """The values when all are NumPy arrays of one non-zero length (None entries are dropped)."""
-    arrays = tuple(v for v in values if v is not None)
-    if not arrays or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in arrays):
-        return None
-    if len({len(a) for a in arrays}) != 1 or len(arrays[0]) == 0:
-        return None
-    return arrays
+@dispatch.register("UNet", dispatch.REFERENCE, rank=100, description="Keras' functional call")
+def _unet_reference(model, inputs, training):
+    return super(UNet, model).call(inputs, training=training)
 
 
-def _feed_arrays_as_dataset(method, args) -> bool:
-    """Replace array ``x`` / ``y`` / ``sample_weight`` (and ``validation_data``) in Keras' bound
-    ``args`` by the equivalent ``tf.data`` pipeline. False, and nothing changed, where Keras' own
-    array handling is needed (``validation_split``, ``class_weight``, ``steps``, ``shuffle="batch"``,
-    non-array inputs)."""
-    from kunet.kernels import tensorflow_data  # lazy: tensorflow only
-
-    get = args.get
-    if (get("kwargs") or {}).get("_use_cached_eval_dataset"):
-        return False  # fit's own validation pass: Keras reuses the iterator it built
-    if method == "predict":
-        arrays = _arrays(get("x"))
-        shuffle = False
-    else:
-        if get("y") is None:
-            return False
-        arrays = _arrays(get("x"), get("y"), get("sample_weight"))
-        shuffle = get("shuffle", True) if method == "fit" else False
-    if arrays is None or shuffle not in (True, False):
-        return False
-    if any(get(k) for k in ("steps", "steps_per_epoch", "validation_split", "class_weight")):
-        return False
-    batch_size = get("batch_size") or 32
-    validation = get("validation_data")
-    if validation is not None:
-        val_arrays = _arrays(*validation) if isinstance(validation, (tuple, list)) else None
-        if val_arrays is None or len(val_arrays) < 2 or get("validation_steps"):
-            return False
-        val_batch = get("validation_batch_size") or batch_size
-        args["validation_data"] = tensorflow_data.array_dataset(val_arrays, val_batch)
-        args["validation_batch_size"] = None
-    args["x"] = tensorflow_data.array_dataset(arrays, batch_size, shuffle=shuffle)
-    for key in ("y", "sample_weight", "batch_size"):
-        if key in args:
-            args[key] = None
-    if method == "fit":
-        args["shuffle"] = False  # the pipeline shuffles; Keras would warn about a dataset
-    return True
+@dispatch.register(
+    "UNet inputs", dispatch.REFERENCE, rank=100, description="Keras' own data adapters"
+)
+def _inputs_reference(model, method, arguments):
+    return False
 
 
 def _portable_optimizer_config(config):

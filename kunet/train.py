@@ -30,7 +30,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kunet import _failpoints, _fused, inference
+from kunet import _failpoints, dispatch, inference
 from kunet import io as kio
 from kunet.augment import Augment
 from kunet.callbacks import LearningRateSchedule, NonFiniteError, TerminateOnNonFinite
@@ -450,7 +450,7 @@ def train(
             fingerprint(data),
             time_budget=overrides.get("time_budget"),
             backend=keras.backend.backend(),
-            gpu=_fused.has_accelerator(),
+            gpu=dispatch.has_accelerator(),
         )
     plan = {**plan, "settings": {**plan["settings"], **overrides}}
     if overrides:

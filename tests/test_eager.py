@@ -32,7 +32,7 @@ def test_plan_matches_keras_path(make_unet, kwargs, shape):
     import torch
 
     model = make_unet(**kwargs)
-    assert model._eager_plan() is not None
+    assert _eager.replay_plan(model) is not None
     x = torch.tensor(np.random.default_rng(0).normal(size=shape).astype("float32"))
     with torch.no_grad():
         model(x, training=True)  # move the BN statistics away from their initial values
@@ -72,7 +72,7 @@ def test_taken_for_predict_not_for_training(make_unet, binary_data, monkeypatch)
 
 def test_no_plan_where_call_is_not_enough(make_unet):
     keras.config.set_dtype_policy("mixed_float16")  # layers would autocast in __call__
-    assert make_unet()._eager_plan() is None
+    assert _eager.replay_plan(make_unet()) is None
     keras.config.set_dtype_policy("float32")
     inputs = keras.Input((8, 8, 1))
     other = keras.Model(inputs, keras.layers.Activation("relu")(inputs))  # not a listed layer

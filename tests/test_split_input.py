@@ -1,9 +1,8 @@
-"""DoubleConv on a list of inputs (a decoder's ``[skip, upsampled]``) is DoubleConv on their channel
-concatenation, on every backend and every path that computes it without the concatenation (torch
-eager and its oneDNN fused-add inference, TensorFlow's ops in eager and graph mode, JAX's per-part
-convolutions): outputs, gradients of every input and trainable variable, moving statistics.
+"""DoubleConv on a list of inputs (a decoder's ``[skip, upsampled]``): shapes, errors, the UNet's
+decoders, and torch's oneDNN conv + add + ReLU inference on the parts.
 
-The reference is the Keras sublayers on ``concatenate(parts)``.
+That every implementation computes the concatenation's result (outputs, gradients of every part and
+variable, moving statistics; 1-3 parts) is the shared harness, tests/test_parity.py.
 """
 
 from __future__ import annotations
@@ -15,103 +14,9 @@ import pytest
 from kunet.layers import DoubleConv
 
 
-def _weighted_sum(out):
-    ops = keras.ops
-    weights = ops.reshape(ops.linspace(-1.0, 1.0, int(np.prod(out.shape))), out.shape)
-    return ops.sum(ops.cast(out, "float32") * weights)
-
-
-def _run(layer, parts, training, reference, graph=False):
-    """(output, [grad of each part, grad of each trainable variable], moving statistics)."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        return _run_jax(layer, parts, training, reference)
-    if backend == "torch":
-        import torch
-
-        xs = [torch.tensor(p, requires_grad=True) for p in parts]
-        out = _call(layer, xs, training, reference)
-        loss = _weighted_sum(out)
-        grads = torch.autograd.grad(loss, xs + [v.value for v in layer.trainable_variables])
-    else:
-        import tensorflow as tf
-
-        def step(xs):
-            with tf.GradientTape() as tape:
-                tape.watch(xs)
-                out = _call(layer, xs, training, reference)
-                loss = _weighted_sum(out)
-            return out, tape.gradient(loss, xs + [v.value for v in layer.trainable_variables])
-
-        out, grads = (tf.function(step) if graph else step)([tf.constant(p) for p in parts])
-    return _numpy(out, grads, layer.non_trainable_variables)
-
-
-def _call(layer, xs, training, reference):
-    if reference:
-        return layer.call_sublayers(keras.ops.concatenate(xs, axis=-1), training)
-    return layer(xs, training=training)
-
-
-def _run_jax(layer, parts, training, reference):
-    import jax
-
-    trainable = [v.value for v in layer.trainable_variables]
-    frozen = [v.value for v in layer.non_trainable_variables]
-
-    def loss(xs, trainable):
-        # the reference: one concatenated tensor, which the layer runs through its sublayers
-        inputs = keras.ops.concatenate(xs, axis=-1) if reference else xs
-        out, updated = layer.stateless_call(trainable, frozen, inputs, training=training)
-        return _weighted_sum(out), (out, updated)
-
-    xs = [jax.numpy.asarray(p) for p in parts]
-    (grad_x, grad_w), (out, updated) = jax.grad(loss, argnums=(0, 1), has_aux=True)(xs, trainable)
-    return _numpy(out, list(grad_x) + list(grad_w), updated)
-
-
-def _numpy(out, grads, moving):
-    as_np = keras.ops.convert_to_numpy
-    return (
-        as_np(keras.ops.cast(out, "float32")),
-        [as_np(keras.ops.cast(g, "float32")) for g in grads],
-        [as_np(v) for v in moving],
-    )
-
-
 def _parts(channels, h=7, w=6, seed=1):
     rng = np.random.default_rng(seed)
     return [rng.normal(size=(2, h, w, c)).astype("float32") for c in channels]
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("channels", [(3, 5), (4, 4), (2, 3, 1)])
-def test_list_input_is_the_concatenation(channels, training, double_conv_twins, assert_close):
-    ours, ref = double_conv_twins(sum(channels), 8)
-    parts = _parts(channels)
-    got, want = _run(ours, parts, training, False), _run(ref, parts, training, True)
-    assert_close(got, want)  # outputs, gradients (each part's, each variable's), moving statistics
-    if training:
-        assert not np.allclose(
-            got[2][0], double_conv_twins(sum(channels), 8)[0].non_trainable_variables[0]
-        )
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_without_batch_norm(training, double_conv_twins, assert_close):
-    ours, ref = double_conv_twins(7, 4, batch_norm=False)  # convolutions with biases
-    parts = _parts((3, 4), seed=2)
-    assert_close(_run(ours, parts, training, False), _run(ref, parts, training, True))
-
-
-@pytest.mark.tensorflow
-@pytest.mark.parametrize("training", [True, False])
-def test_tensorflow_graph_mode(training, double_conv_twins, assert_close):
-    """As ``model.fit`` / ``predict`` run it: inside ``tf.function`` (the remapper's fusions)."""
-    ours, ref = double_conv_twins(6, 8)
-    parts = _parts((2, 4), seed=3)
-    got, want = _run(ours, parts, training, False, True), _run(ref, parts, training, True, True)
-    assert_close(got, want)
 
 
 @pytest.mark.torch
@@ -119,7 +24,8 @@ def test_torch_onednn_fused_add(monkeypatch, double_conv_twins, assert_close):
     """Inference on CPU: the first part's convolution, then oneDNN's in-place add + ReLU post-op for
     the other parts (taken from 2**20 output elements; forced here on tiny inputs)."""
     import torch
-    from kunet.kernels import torch_eager
+
+    from kunet.backends import torch_ops as torch_eager
 
     if torch_eager._conv_add_relu_op() is None:
         pytest.skip("this PyTorch build has no oneDNN convolution with a binary post-op")
@@ -136,15 +42,6 @@ def test_torch_onednn_fused_add(monkeypatch, double_conv_twins, assert_close):
         want = ref.call_sublayers(torch.tensor(np.concatenate(parts, -1)), False)
     assert len(calls) == 2  # parts 2 and 3 of the first convolution
     assert_close(got.numpy(), want.numpy())
-
-
-def test_mixed_precision(double_conv_twins, assert_as_accurate):
-    parts = _parts((3, 5), seed=5)
-    truth = _run(double_conv_twins(8, 8)[0], parts, True, True)  # float32 sublayers
-    keras.config.set_dtype_policy("mixed_float16")
-    ours, ref = double_conv_twins(8, 8)
-    got, want = _run(ours, parts, True, False), _run(ref, parts, True, True)
-    assert_as_accurate(got, want, truth)
 
 
 def test_shapes_and_errors():

@@ -1,5 +1,5 @@
 """On TensorFlow, UNet.fit/evaluate/predict feed NumPy arrays through an untuned tf.data pipeline
-(kunet.kernels.tensorflow_data): the same batches and results as Keras' own array handling."""
+(kunet.backends.tensorflow_data): the same batches and results as Keras' own array handling."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def twins(make_unet):
 
 @pytest.fixture
 def calls(monkeypatch):
-    from kunet.kernels import tensorflow_data
+    from kunet.backends import tensorflow_data
 
     seen = []
     original = tensorflow_data.array_dataset
@@ -43,7 +43,7 @@ def _dataset(*arrays, batch_size):
 
 
 def test_pipeline_is_untuned_and_batches_in_order():
-    from kunet.kernels import tensorflow_data
+    from kunet.backends import tensorflow_data
 
     x = np.arange(10, dtype="float64").reshape(10, 1)
     ds = tensorflow_data.array_dataset((x, x * 2), batch_size=4)
@@ -108,12 +108,12 @@ def test_keras_array_handling_where_needed(make_unet, binary_data, calls, kwargs
 
 
 def test_class_weight_and_non_arrays_keep_keras_handling(binary_data):
-    from kunet.model import _feed_arrays_as_dataset
+    from kunet.backends.tensorflow_data import feed_arrays
 
     x, y = binary_data
-    assert not _feed_arrays_as_dataset("fit", {"x": x, "y": y, "class_weight": {0: 1.0}})
-    assert not _feed_arrays_as_dataset("fit", {"x": list(x), "y": y})
-    assert not _feed_arrays_as_dataset("evaluate", {"x": x, "y": y[:-1]})  # Keras reports this
+    assert not feed_arrays(None, "fit", {"x": x, "y": y, "class_weight": {0: 1.0}})
+    assert not feed_arrays(None, "fit", {"x": list(x), "y": y})
+    assert not feed_arrays(None, "evaluate", {"x": x, "y": y[:-1]})  # Keras reports this
     args = {"x": x, "y": y, "batch_size": 2}
-    assert _feed_arrays_as_dataset("evaluate", args)
+    assert feed_arrays(None, "evaluate", args)
     assert args["y"] is None and args["batch_size"] is None

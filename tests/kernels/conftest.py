@@ -46,31 +46,7 @@ def pytest_report_header(config):
 
 
 if SKIP_REASON is None:
-    import numpy as np
     import pytest
-
-    # Tolerances, per activation dtype: |fused - plain| <= atol + rtol * max|plain|, per tensor.
-    # fp32: products are exact fp32 in the interpreter (input_precision="ieee"); only summation
-    # order differs.  fp16: y1/y2 and the conv operands are rounded to fp16 in both paths, at
-    # different points (e.g. the fused statistics come from the fp32 accumulator).
-    TOLERANCES = {
-        "float32": {"atol": 1e-5, "rtol": 2e-5},
-        "float16": {"atol": 1e-2, "rtol": 1e-2},
-    }
-
-    def _assert_close(actual, expected, dtype, what):
-        actual = np.asarray(keras.ops.convert_to_numpy(actual), dtype="float64")
-        expected = np.asarray(keras.ops.convert_to_numpy(expected), dtype="float64")
-        assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-        tol = TOLERANCES[dtype]
-        err = np.max(np.abs(actual - expected)) if actual.size else 0.0
-        bound = tol["atol"] + tol["rtol"] * np.max(np.abs(expected))
-        assert err <= bound, f"{what}: max |fused - plain| = {err:.3g} > {bound:.3g} ({dtype})"
-
-    @pytest.fixture
-    def assert_close():
-        """``assert_close(fused, plain, dtype_name, what)`` with the table above."""
-        return _assert_close
 
     @pytest.fixture
     def kernel_calls(monkeypatch):
@@ -93,9 +69,9 @@ if SKIP_REASON is None:
     @pytest.fixture(autouse=True)
     def _fresh_policy(monkeypatch):
         """Each test starts with no global policy set (set_fused never called)."""
-        from kunet import _fused
+        from kunet import dispatch
 
-        monkeypatch.setattr(_fused, "_global_policy", None)
+        monkeypatch.setattr(dispatch, "_global_policy", None)
         monkeypatch.delenv("KUNET_FUSED", raising=False)
 
     # The interpreter runs each Triton program in numpy, one after the other: larger row tiles mean

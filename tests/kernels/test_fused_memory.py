@@ -2,14 +2,21 @@
 
 Fused: x, raw y1, raw y2 and per-channel vectors.  Plain (Keras Conv2D/BatchNormalization/ReLU on
 torch): the conv inputs, BN's fp32 intermediates and the ReLU outputs.  The torch backend's default
-plain path (torch conv2d + fused batch norm, kunet.kernels.torch_eager) sits in between.  Counted with
-saved_tensors_hooks (kunet.kernels.memory) at a UNet-like shape.
+plain path (torch conv2d + fused batch norm, kunet.backends.torch_ops) sits in between.  Counted with
+saved_tensors_hooks (benchmarks/saved_memory.py, the measuring tool) at a UNet-like shape.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
-from kunet.kernels import memory
+
+_TOOL = Path(__file__).resolve().parents[2] / "benchmarks" / "saved_memory.py"
+_spec = importlib.util.spec_from_file_location("saved_memory", _TOOL)
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
 
 SHAPE = dict(n=2, h=64, w=64, c_in=32, c_out=64)
 

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import torch
-from kunet.kernels import autograd as fused_ops
 
 import kunet
+from kunet import dispatch
 from kunet.layers import DoubleConv
 
 STEPS = 3
@@ -66,45 +66,57 @@ def test_fused_checkpoint_loads_into_plain_model(trained_pair):
     np.testing.assert_allclose(again.predict(images, verbose=0), out_plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def fused_forward_calls(monkeypatch):
-    calls = []
-    original = fused_ops.double_conv_layer_forward
-
-    def spy(layer, x, training):
-        calls.append(training)
-        return original(layer, x, training=training)
-
-    monkeypatch.setattr(fused_ops, "double_conv_layer_forward", spy)
-    return calls
+def _ran(layer):
+    return dispatch.implementation(layer).get("training")
 
 
-def test_fused_true_without_cuda_or_interpreter_raises(monkeypatch, fused_forward_calls):
+def test_fused_true_without_cuda_or_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     layer = DoubleConv(8, fused=True)
-    with pytest.raises(kunet.FusedUnavailableError, match="CUDA tensor"):
+    with pytest.raises(kunet.FusedUnavailableError, match="no CUDA device"):
         layer(torch.randn(1, 5, 5, 3), training=True)
-    assert fused_forward_calls == []
+    assert _ran(layer) is None
 
 
-def test_auto_falls_back_silently_without_cuda_or_interpreter(monkeypatch, fused_forward_calls):
+def test_auto_falls_back_silently_without_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     layer = DoubleConv(8)  # fused=None -> global policy "auto"
     out = layer(torch.randn(1, 5, 5, 3), training=True)
-    assert out.shape == (1, 5, 5, 8) and fused_forward_calls == []
+    assert out.shape == (1, 5, 5, 8) and _ran(layer) == "torch"
 
 
-@pytest.mark.parametrize("policy, expected", [("auto", [True]), (True, [True]), (False, [])])
-def test_global_policy_under_the_interpreter(policy, expected, fused_forward_calls):
+@pytest.mark.parametrize(
+    "policy, expected", [("auto", "triton"), (True, "triton"), (False, "torch")]
+)
+def test_global_policy_under_the_interpreter(policy, expected):
     kunet.set_fused(policy)
-    DoubleConv(8)(torch.randn(1, 5, 5, 3), training=True)
-    assert fused_forward_calls == expected
+    layer = DoubleConv(8)
+    layer(torch.randn(1, 5, 5, 3), training=True)
+    assert _ran(layer) == expected
 
 
-def test_layer_policy_wins_over_global(fused_forward_calls):
+def test_layer_policy_wins_over_global():
     kunet.set_fused(True)
-    DoubleConv(8, fused=False)(torch.randn(1, 5, 5, 3), training=True)
-    assert fused_forward_calls == []
+    layer = DoubleConv(8, fused=False)
+    layer(torch.randn(1, 5, 5, 3), training=True)
+    assert _ran(layer) == "torch"
+
+
+def test_a_synchronized_batch_norm_never_reaches_triton():
+    """Triton implements plain BatchNormalization only: a synchronized one is left to the Keras
+    sublayers (which on torch refuse it themselves), and fused=True says why."""
+    layer = DoubleConv(8)
+    layer.build((None, None, None, 3))
+    layer.bn1.synchronized = True
+    x = torch.randn(1, 5, 5, 3)
+    impl, skipped = dispatch.resolve(layer, layer.dispatch_context(x, True))
+    assert impl.name == "keras"
+    assert ("triton", "BatchNormalization synchronized=True") in [(i.name, w) for i, w in skipped]
+    strict = DoubleConv(8, fused=True)
+    strict.build((None, None, None, 3))
+    strict.bn2.synchronized = True
+    with pytest.raises(kunet.FusedUnavailableError, match="synchronized=True"):
+        strict(x, training=True)
 
 
 def test_unet_trains_the_same_in_mixed_float16(interpreter_tiles):

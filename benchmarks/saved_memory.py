@@ -47,7 +47,7 @@ def compare(n=2, h=64, w=64, c_in=32, c_out=64, dtype=None):
 
     ``fused``: the Triton path; ``plain``: the Keras Conv2D/BatchNormalization/ReLU sublayers (the
     reference the fused path is verified against); ``eager``: the torch backend's default plain path
-    (:mod:`kunet.kernels.torch_eager`: torch conv2d + fused batch norm). ``ratio`` is fused / plain,
+    (:mod:`kunet.backends.torch_ops`: torch conv2d + fused batch norm). ``ratio`` is fused / plain,
     ``ratio_eager`` fused / eager.
 
     ``dtype``: a Keras dtype policy for the layers (e.g. ``"mixed_float16"``); None: float32.
