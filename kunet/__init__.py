@@ -27,6 +27,12 @@ _tensorflow_first = "tensorflow" in _sys.modules
 if not _tensorflow_first:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+# The kunet command: Keras and its backend are imported with their start-up log lines (TensorFlow's
+# C++ logging) kept out of the terminal, unless asked for (kunet/_startup.py).
+from kunet import _startup  # noqa: E402
+
+_startup.quiet_start()
+
 from kunet import (  # noqa: E402
     augment,
     blocks,

@@ -1,9 +1,9 @@
 """Eager inference through a functional model's layers without Keras' per-layer ``__call__``.
 
-On the torch backend a model runs eagerly, and Keras' ``Layer.__call__`` costs ~0.3 ms of Python per
-layer (argument binding, input conversion and autocasting, pytree flattening of inputs and outputs,
-call-context bookkeeping): measured on a 2-core CPU, a UNet 16-128 forward on a tiny input took 8 ms
-through Keras against ~1 ms of torch work, ~12% of a batch of 8 at 128x128 (benchmarks/README.md).
+On the torch backend a model runs eagerly, and Keras' ``Layer.__call__`` costs Python per layer
+(argument binding, input conversion and autocasting, pytree flattening of inputs and outputs,
+call-context bookkeeping) that is a visible share of a small model's forward pass
+(benchmarks/README.md).
 
 :class:`EagerPlan` records the model's graph once (the public ``layer.input`` / ``layer.output`` of
 each layer, in order) and replays it by calling each layer's ``call`` directly. That is exact only

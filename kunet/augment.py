@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kunet.tiling import tile_starts
+
 
 def _rng(rng=None, seed=None):
     if rng is not None:
@@ -220,23 +222,11 @@ class Augment:
         return self.patch(image, mask, image.shape[:2], rng=rng, seed=seed)
 
 
-def random_crop(image, mask, size, rng):
-    """A plain random crop (mirrored where the image is smaller than ``size``)."""
-    return Augment.none().patch(image, mask, size, rng=rng)
-
-
 def grid_crops(shape, size):
-    """Top-left corners of ``size`` tiles covering an image of ``shape`` (last tile flush)."""
-    corners = []
-    for axis_len, tile in zip(shape[:2], size, strict=True):
-        if axis_len <= tile:
-            corners.append([0])
-            continue
-        starts = list(range(0, axis_len - tile + 1, tile))
-        if starts[-1] != axis_len - tile:
-            starts.append(axis_len - tile)
-        corners.append(starts)
-    return [(y, x) for y in corners[0] for x in corners[1]]
+    """Top-left corners of ``size`` tiles covering an image of ``shape``, row by row: a grid of
+    :func:`kunet.tiling.tile_starts` with a stride of one tile (last tile flush)."""
+    (height, width), (h, w) = shape[:2], size
+    return [(y, x) for y in tile_starts(height, h, h) for x in tile_starts(width, w, w)]
 
 
 def crop(image, mask, corner, size):

@@ -4,6 +4,7 @@
     kunet train    --images DIR --masks DIR --out RUN_DIR [--time-budget SECONDS] [--plan FILE] ...
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
+    kunet demo     [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
 
 Bad input (missing partners, unreadable files, size mismatches, labels beyond the classes, NaN/inf
 pixels, empty folders, an output folder that is an input folder or already holds the outputs,
@@ -11,7 +12,9 @@ unwritable outputs) ends with ``kunet: error: <message naming the file>`` on std
 2, without a traceback and without partial outputs. A training run whose loss or weights become
 NaN/inf stops with exit status 1, keeping its last good epoch. Ctrl-C stops at the next safe point
 with one line and exit status 130. What had to be guessed about the data is printed as
-``kunet: note: ...`` lines on stderr, even under --quiet (--strict refuses to guess).
+``kunet: note: ...`` lines on stderr, even under --quiet (--strict refuses to guess). The
+frameworks' start-up log lines (TensorFlow's C++ logging) stay out of the terminal unless a command
+is given --verbose or TF_CPP_MIN_LOG_LEVEL is set (:mod:`kunet._startup`).
 """
 
 from __future__ import annotations
@@ -23,34 +26,39 @@ import sys
 from pathlib import Path
 
 
-def _positive_int(text):
+def _number(kind, expected, accept):
+    """An argparse ``type``: the text read as ``kind`` (int or float) when ``accept(value)`` holds,
+    else the error ``expected <expected>, got '<text>'``."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
+_positive_float = _number(float, "a positive number", lambda v: v > 0)
+_fraction = _number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+_image_size = _number(int, "an image size of at least 8 pixels", lambda v: v >= 8)
+
+
+def _filters(text):
+    """``8,16,32`` -> (8, 16, 32): the demo's --filters."""
     try:
-        value = int(text)
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints, e.g. 8,16,32; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"filters must be positive ints; got {text!r}")
+    return values
 
 
 def _add_safety(p, writes=True):
@@ -78,9 +86,17 @@ def _add_safety(p, writes=True):
         )
 
 
+def _add_masks(p):
+    p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+
+
+def _add_model(p):
+    p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
+
+
 def _add_data(p):
     p.add_argument("--images", required=True, help="folder of images (png, jpg, tif)")
-    p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+    _add_masks(p)
     p.add_argument(
         "--num-classes",
         type=_positive_int,
@@ -125,6 +141,94 @@ def _overrides(args):
     return settings
 
 
+def _add_demo(sub):
+    from kunet import demo
+
+    d = demo.DEFAULTS
+    p = sub.add_parser(
+        "demo",
+        help=demo.__doc__.splitlines()[0],
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default=d["out"], help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=d["samples"],
+        help="training images (default: %(default)s)",
+    )
+    p.add_argument(
+        "--val-samples",
+        type=_positive_int,
+        default=d["val_samples"],
+        help="validation images (default: %(default)s)",
+    )
+    p.add_argument(
+        "--size",
+        type=_image_size,
+        default=d["size"],
+        help="image height and width in pixels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=d["epochs"],
+        help="training epochs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d["batch_size"],
+        help="batch size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--filters",
+        type=_filters,
+        default=d["filters"],
+        help="UNet encoder filters, comma-separated (default: 8,16,32)",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d["learning_rate"],
+        help="Adam learning rate, cosine-decayed to 0 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help="seed of the data and the weights (default: %(default)s)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=d["time_budget"],
+        help="seconds, counted from start-up (imports included), after which no new epoch "
+        "starts when it would end past them; 0 = no limit "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=d["examples"],
+        help="validation images drawn in demo.png (default: %(default)s)",
+    )
+    p.add_argument(
+        "--require-dice",
+        type=float,
+        default=None,
+        metavar="DICE",
+        help="exit with status 1 when the validation Dice ends below DICE",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace model.keras and demo.png if --out already holds them (default: refuse)",
+    )
+    p.set_defaults(func=demo.run)
+
+
 def _add_plan(sub):
     p = sub.add_parser(
         "plan",
@@ -146,7 +250,7 @@ def _run_plan(args):
     from kunet import plan as kplan
     from kunet.data import load_folder
     from kunet.dispatch import has_accelerator
-    from kunet.io import DataError, Guesses
+    from kunet.io import DataError, Guesses, print_note
     from kunet.outputs import atomic_write_bytes, check_existing, check_separate, check_writable
 
     settings = _overrides(args)
@@ -170,7 +274,7 @@ def _run_plan(args):
     plan["reasons"].update({k: "set by the user" for k in settings})
     kplan.check_settings(plan["settings"], "plan")
     for line in guesses.lines():
-        print(f"kunet: note: {line}", file=sys.stderr)
+        print_note(line)
     fp = plan["fingerprint"]
     print(
         f"{fp['images']} image(s), {fp['channels']} channel(s), {fp['num_classes']} classes, "
@@ -206,9 +310,9 @@ def _add_train(sub):
 
 
 def _run_train(args):
-    from kunet import train as t
+    from kunet.train import train
 
-    t.train(
+    train(
         args.images,
         args.masks,
         args.out,
@@ -233,7 +337,7 @@ def _add_predict(sub):
         description="Predict every image (tiled when larger than a tile): <stem>.png holds class "
         "indices (palette PNG), <stem>_overlay.png shows them on the image.",
     )
-    p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
+    _add_model(p)
     p.add_argument("--images", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
     _add_inference(p)
@@ -259,9 +363,9 @@ def _add_inference(p):
 
 
 def _run_predict(args):
-    from kunet import train as t
+    from kunet.predict import predict
 
-    t.predict(
+    predict(
         args.model,
         args.images,
         args.out,
@@ -281,9 +385,9 @@ def _add_evaluate(sub):
         help="Dice and IoU of a model on an images/ + masks/ folder pair",
         description="Dice and IoU per class over all pixels, and their mean over foreground classes.",
     )
-    p.add_argument("--model", required=True, help="a .keras model (e.g. RUN_DIR/best.keras)")
+    _add_model(p)
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+    _add_masks(p)
     _add_inference(p)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
     _add_safety(p, writes=False)
@@ -291,9 +395,9 @@ def _add_evaluate(sub):
 
 
 def _run_evaluate(args):
-    from kunet import train as t
+    from kunet.predict import evaluate
 
-    scores = t.evaluate(
+    scores = evaluate(
         args.model,
         args.images,
         args.masks,
@@ -329,13 +433,18 @@ def _main(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from kunet import demo
-
-    demo.add_arguments(sub.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    _add_demo(sub)
     _add_plan(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    for command in sub.choices.values():  # read before Keras is imported (kunet._startup)
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show the frameworks' start-up log lines (TensorFlow's C++ logging), which are "
+            "otherwise kept out of the terminal",
+        )
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
 
@@ -344,12 +453,9 @@ def _main(argv):
 
     try:
         return int(args.func(args) or 0)
-    except DataError as e:
+    except (DataError, NonFiniteError) as e:  # bad input: 2; training diverged: 1
         print(f"kunet: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"kunet: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, DataError) else 1
     except OSError as e:  # e.g. a disk that fills up or a folder made read-only mid-run
         where = f"{e.filename}: " if e.filename else ""
         print(f"kunet: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -233,7 +233,7 @@ class _SampleDataset(keras.utils.PyDataset):
     def __init__(self, samples, num_classes, patch_size, batch_size, what, **kwargs):
         # One loader thread by default: batches are prepared while the step runs, and on TensorFlow
         # Keras then feeds them through tf.data without autotuning, whose threads otherwise competed
-        # with the step on small machines (training at 18 instead of 35 img/s on 2 cores).
+        # with the step on small machines (the training speed it cost: benchmarks/README.md).
         kwargs.setdefault("workers", 1)
         super().__init__(**kwargs)
         if not samples:

@@ -8,14 +8,13 @@ progress bar, validation every epoch), then prints the validation Dice next to a
 a few validation images). The backend is Keras' own choice: ``KERAS_BACKEND=jax kunet demo``.
 
 The defaults reach a validation Dice above 0.90 within about 3 minutes on a 2-core CPU on every
-backend (measured: TensorFlow about 30 s, JAX about 75 s, PyTorch about 140 s on a busy 2-core
-machine). ``--time-budget`` (default 170 s from start-up) stops training after an epoch when one
-more epoch would overrun it, so a slow or busy machine still finishes in about 3 minutes.
+backend (measured times per backend: benchmarks/README.md). ``--time-budget`` (default 170 s from
+start-up) stops training after an epoch when one more epoch would overrun it, so a slow or busy
+machine still finishes in about 3 minutes.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -23,7 +22,6 @@ import keras
 import numpy as np
 
 from kunet import synthetic
-from kunet.cli import _positive_int
 from kunet.model import UNet
 from kunet.outputs import (
     FolderLock,
@@ -34,6 +32,7 @@ from kunet.outputs import (
     clean_stale,
 )
 
+# The defaults of ``kunet demo``'s options, which :mod:`kunet.cli` defines.
 DEFAULTS = {
     "out": "kunet_demo",
     "samples": 512,
@@ -48,111 +47,6 @@ DEFAULTS = {
     "examples": 4,
 }
 OUTPUTS = ("model.keras", "demo.png")
-
-
-def _filters(text):
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated ints, e.g. 8,16,32; got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"filters must be positive ints; got {text!r}")
-    return values
-
-
-def _size(text):
-    value = int(text)
-    if value < 8:
-        raise argparse.ArgumentTypeError(
-            f"expected an image size of at least 8 pixels; got {text!r}"
-        )
-    return value
-
-
-def add_arguments(parser):
-    """Add ``kunet demo``'s options to ``parser`` and make :func:`run` its handler."""
-    d = DEFAULTS
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", default=d["out"], help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--samples",
-        type=_positive_int,
-        default=d["samples"],
-        help="training images (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--val-samples",
-        type=_positive_int,
-        default=d["val_samples"],
-        help="validation images (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--size",
-        type=_size,
-        default=d["size"],
-        help="image height and width in pixels (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=d["epochs"],
-        help="training epochs (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=d["batch_size"],
-        help="batch size (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--filters",
-        type=_filters,
-        default=d["filters"],
-        help="UNet encoder filters, comma-separated (default: 8,16,32)",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=d["learning_rate"],
-        help="Adam learning rate, cosine-decayed to 0 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d["seed"],
-        help="seed of the data and the weights (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        default=d["time_budget"],
-        help="seconds, counted from start-up (imports included), after which no new epoch "
-        "starts when it would end past them; 0 = no limit "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--examples",
-        type=_positive_int,
-        default=d["examples"],
-        help="validation images drawn in demo.png (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--require-dice",
-        type=float,
-        default=None,
-        metavar="DICE",
-        help="exit with status 1 when the validation Dice ends below DICE",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace model.keras and demo.png if --out already holds them (default: refuse)",
-    )
-    parser.set_defaults(func=run)
-    return parser
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -232,6 +126,8 @@ def _start_time():
 
 def run(args) -> int:
     """Generate data, train, report the validation Dice, save the model and the figure.
+
+    ``args``: the options ``kunet demo`` parsed (:mod:`kunet.cli`).
 
     ``--out`` is checked first: files already there with the demo's names are replaced only with
     ``--overwrite``, and temporary files of an earlier, killed demo are removed.

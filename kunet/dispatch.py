@@ -38,6 +38,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 
@@ -119,9 +120,9 @@ def triton_import_error() -> str | None:
 
 
 # ---------------------------------------------------------------------------------- registry
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What a choice depends on. Hashable: the key of the per-layer cache."""
+class Context(NamedTuple):
+    """What a choice depends on: the key of the per-layer cache (a NamedTuple: built and hashed on
+    every call, so as cheap as Python allows)."""
 
     backend: str
     device: str | None  # torch: the input's device type ("cpu", "cuda"); None elsewhere
@@ -218,22 +219,30 @@ def is_symbolic(x) -> bool:
     return getattr(getattr(x, "device", None), "type", None) == "meta"
 
 
-def context(layer, x, training=None, *, parts: int = 1, frozen: tuple = ()) -> Context:
+def context(layer, x, training=None, *, parts=1, frozen=(), fused=False) -> Context:
     """The :class:`Context` of calling ``layer`` on ``x`` (its first input); ``training`` None for a
-    layer without a training mode."""
+    layer without a training mode; ``fused``: the layer type has a fused implementation (then its
+    ``fused`` policy and TRITON_INTERPRET are read)."""
     backend = keras.backend.backend()
-    device = getattr(getattr(x, "device", None), "type", None) if backend == "torch" else None
-    policy = getattr(layer, "fused", None)
+    if backend == "torch":
+        device = getattr(getattr(x, "device", None), "type", None)
+        symbolic = device == "meta" or isinstance(x, keras.KerasTensor)
+    else:
+        device, symbolic = None, isinstance(x, keras.KerasTensor)
+    policy, interpret = "auto", False
+    if fused:
+        policy = layer.fused if layer.fused is not None else get_fused()
+        interpret = interpret_mode()
     return Context(
-        backend=backend,
-        device=device,
-        symbolic=is_symbolic(x),
-        dtype=layer.compute_dtype,
-        training=None if training is None else bool(training),
-        parts=parts,
-        policy=get_fused() if policy is None else policy,
-        frozen=frozen,
-        interpret=interpret_mode(),
+        backend,
+        device,
+        symbolic,
+        layer.compute_dtype,
+        None if training is None else bool(training),
+        parts,
+        policy,
+        frozen,
+        interpret,
     )
 
 
@@ -373,8 +382,8 @@ def explain(model, *, device: str | None = None) -> Explanation:
         for kind in layer_types(layer):
             modes, why = {}, []
             for training in (True, False):
-                ctx = dataclasses.replace(
-                    layer.dispatch_context(None, training), backend=backend, device=device
+                ctx = layer.dispatch_context(None, training)._replace(
+                    backend=backend, device=device
                 )
                 impl, skipped = resolve_quietly(layer, ctx, kind)
                 modes[training] = impl.name
@@ -393,7 +402,7 @@ def resolve_quietly(layer, ctx, kind=None):
     try:
         return resolve(layer, ctx, kind)
     except FusedUnavailableError:
-        return resolve(layer, dataclasses.replace(ctx, policy="auto"), kind)
+        return resolve(layer, ctx._replace(policy="auto"), kind)
 
 
 # ---------------------------------------------------------------------------------- devices

@@ -17,6 +17,7 @@ import numpy as np
 
 from kunet.augment import sample_nearest
 from kunet.io import apply_nan_policy
+from kunet.tiling import tile_starts
 
 __all__ = [
     "predict_tiled",
@@ -26,16 +27,6 @@ __all__ = [
     "to_labels",
     "remove_small_components",
 ]
-
-
-def tile_starts(length, tile, stride):
-    """Start offsets of tiles of ``tile`` covering ``length`` (last one flush with the end)."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
 
 
 def window(tile_size, blend="gaussian"):
@@ -130,7 +121,7 @@ def predict_image(model, image, activation="auto", tta=False, nan_policy="error"
     A side that is not a multiple of a kunet UNet's ``2**depth`` is mirrored up to one and the
     output cropped back: the network sees image content at its borders, as in training, not the
     zeros its own in-graph padding would add (which read as dark edges, and cost a model trained on
-    patches up to half its Dice on sparse objects).
+    patches much of its Dice on sparse objects: benchmarks/README.md).
 
     The image must have the model's input channels; NaN/inf pixels follow ``nan_policy`` ('error':
     ValueError with their count, 'zero': set to 0, 'ignore': passed on).

@@ -19,6 +19,7 @@ Conventions:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -171,6 +172,12 @@ class Guesses:
     def emit(self):
         for line in self.lines():
             warnings.warn(line, GuessWarning, stacklevel=3)
+
+
+def print_note(line):
+    """Say what kunet guessed or repaired: ``kunet: note: <line>`` on standard error (the commands
+    say it even under --quiet)."""
+    print(f"kunet: note: {line}", file=sys.stderr, flush=True)
 
 
 def _note(guesses, path, text):

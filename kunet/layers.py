@@ -122,6 +122,10 @@ class DoubleConv(keras.layers.Layer):
             )
         else:
             self.bn1 = self.bn2 = None
+        # plain references, kept out of Keras' tracking: on torch an nn.Module attribute lookup
+        # costs about a microsecond, and these are read on every call
+        self.__dict__["_pairs"] = ((self.conv1, self.bn1), (self.conv2, self.bn2))
+        self.__dict__["_bns"] = tuple(bn for bn in (self.bn1, self.bn2) if bn is not None)
 
     def build(self, input_shape):
         several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
@@ -148,16 +152,25 @@ class DoubleConv(keras.layers.Layer):
 
     def dispatch_context(self, x, training, parts=None):
         """The :class:`kunet.dispatch.Context` of a call on ``x`` (the first input)."""
-        frozen = tuple(not bn.trainable for bn in (self.bn1, self.bn2) if bn is not None)
-        return dispatch.context(self, x, training, parts=parts or self._parts, frozen=frozen)
+        frozen = tuple(not bn.trainable for bn in self._bns)
+        parts = parts or self._parts
+        return dispatch.context(self, x, training, parts=parts, frozen=frozen, fused=True)
 
     def _steps(self, training):
-        """The two convolutions and their BatchNormalizations as tensors and numbers
-        (:class:`kunet.conv_bn_math.ConvBN`), what the implementations read."""
-        return tuple(
-            cbm.ConvBN(conv.kernel, conv.bias if conv.use_bias else None, _bn_params(bn, training))
-            for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2))
-        )
+        """The two convolutions and their BatchNormalizations as variables and numbers
+        (:class:`kunet.conv_bn_math.ConvBN`), what the implementations read; built once per state
+        (the variables themselves stay the same objects)."""
+        key = (training,) + tuple((bn.trainable, bn.momentum, bn.epsilon) for bn in self._bns)
+        cache = self.__dict__.setdefault("_steps_cache", {})
+        steps = cache.get(key)
+        if steps is None:
+            steps = cache[key] = tuple(
+                cbm.ConvBN(
+                    conv.kernel, conv.bias if conv.use_bias else None, _bn_params(bn, training)
+                )
+                for conv, bn in self._pairs
+            )
+        return steps
 
     def call_sublayers(self, inputs, training=None, first_conv=None):
         """The reference path: the Keras ``Conv2D`` / ``BatchNormalization`` sublayers in turn.

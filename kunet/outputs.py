@@ -11,7 +11,8 @@ Every command that writes follows the same rules, and this module holds them onc
   kernel releases even after ``kill -9``); whoever takes the lock removes what an earlier, killed
   process left behind (:func:`clean_stale`: only kunet's own hidden temporary names).
 * A Ctrl-C arriving while a group of renames is under way waits until the group is done
-  (:func:`deferred_sigint`).
+  (:func:`deferred_sigint`); a command stopped by Ctrl-C at a safe point raises
+  :class:`Interrupted`, saying where it stopped.
 """
 
 from __future__ import annotations
@@ -238,6 +239,16 @@ class FolderLock:
 
 
 # ---------------------------------------------------------------------------------- Ctrl-C
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``kunet train`` or ``kunet predict`` at a safe point; ``str()`` says where,
+    and the folder is consistent (``train``: resume it; ``predict``: the files written are complete).
+    ``epoch``: the epochs a stopped ``train`` saved (None for ``predict``)."""
+
+    def __init__(self, message, epoch=None):
+        super().__init__(message)
+        self.epoch = epoch
+
+
 def _can_handle_signals():
     return threading.current_thread() is threading.main_thread()
 

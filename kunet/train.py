@@ -1,14 +1,13 @@
-"""The folder workflow behind ``kunet train | predict | evaluate``: plain functions, usable from Python.
+"""The folder workflow behind ``kunet train``: a plain function, usable from Python.
 
 ``train`` fits a UNet on random augmented patches of a folder dataset into a run folder (best.keras,
 last.keras, state.json, history.csv, history.png, overlays/; see :mod:`kunet.run_folder`, which
-keeps it consistent whenever the process stops: a kill, Ctrl-C, a full disk). ``predict`` writes a
-mask and an overlay per image, each published whole as soon as it is done. ``evaluate`` scores a
-model on a folder pair.
+keeps it consistent whenever the process stops: a kill, Ctrl-C, a full disk). Prediction and
+evaluation on folders (``kunet predict | evaluate``) are :mod:`kunet.predict`.
 
 Nothing is lost: bad input raises :class:`kunet.io.DataError` with a one-line message naming the
-file before anything is written; an output folder is never an input folder (or inside or around
-one); files already there are replaced only with ``overwrite=True``; NaN/inf pixels are refused
+file before anything is written; the run folder is never an input folder (or inside or around
+one); a run already there is replaced only with ``overwrite=True``; NaN/inf pixels are refused
 unless ``nan_policy`` says otherwise; what had to be guessed about the data is reported (or refused
 with ``strict=True``).
 """
@@ -20,67 +19,52 @@ import gc
 import io
 import json
 import math
-import shutil
-import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from kunet import _failpoints, dispatch, inference
+from kunet import _failpoints, dispatch
 from kunet import io as kio
 from kunet.augment import Augment
 from kunet.callbacks import LearningRateSchedule, NonFiniteError, TerminateOnNonFinite
 from kunet.data import PatchDataset, TileDataset, load_folder, model_num_classes, split
-from kunet.io import DataError, Guesses
+from kunet.io import DataError, Guesses, print_note
 from kunet.losses import CEDice
 from kunet.outputs import (
-    STAGING_PREFIX,
     FolderLock,
+    Interrupted,
     SigintFlag,
     atomic_path,
     atomic_write_bytes,
-    check_existing,
     check_separate,
     check_writable,
-    clean_stale,
-    deferred_sigint,
-    finish,
 )
 from kunet.plan import (
     DEFAULT_EPOCHS,
     check_settings,
     fingerprint,
     make_plan,
-    plan_next_to,
     read_plan,
+)
+from kunet.predict import (
+    confusion_counts,
+    dice_iou,
+    inference_settings,
+    load_model,
+    normalization_of,
+    predict_labels,
 )
 from kunet.run_folder import RunFolder
 
-DEFAULT_TILE_SIZE = 256  # inference tiles for a model without a plan beside it
 OVERLAYS = 4
 
 __all__ = [
     "train",
-    "predict",
-    "evaluate",
-    "load_model",
-    "Interrupted",
     "RecordEpochs",
     "TimeBudget",
 ]
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped ``train`` or ``predict`` at a safe point; ``str()`` says where, and the
-    folder is consistent (``train``: resume it; ``predict``: the files written are complete)."""
-
-    def __init__(self, message, epoch=None):
-        super().__init__(message)
-        self.epoch = epoch
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -110,7 +94,7 @@ class TimeBudget(keras.callbacks.Callback):
 # Validation Dice differences smaller than this are within the noise of a held-out set of a few
 # images: the later epoch (further down the learning-rate schedule) is then the one kept as best,
 # and flip TTA (an ensemble over flips the model trained on) stays on. Picking by such differences
-# kept an epoch-6-of-11 checkpoint without TTA, 0.954 test Dice vs 0.960 for the last one with it.
+# kept an early checkpoint without TTA and lowered the test Dice (benchmarks/README.md, Quality).
 VALIDATION_NOISE = 0.005
 
 
@@ -204,74 +188,6 @@ class Stopwatch(keras.callbacks.Callback):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def load_model(path):
-    """``keras.models.load_model`` with a DataError naming the file when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such model file")
-    if path.suffix != ".keras":
-        raise DataError(f"{path}: expected a .keras model file")
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not a .keras file (a .keras model is a zip archive; this is not)")
-    with zipfile.ZipFile(path) as archive:
-        if "config.json" not in archive.namelist():
-            raise DataError(f"{path}: not a .keras file (the zip archive has no config.json)")
-    import kunet  # noqa: F401 - registers kunet's serializable classes
-
-    try:
-        return keras.models.load_model(path)
-    except Exception as e:  # noqa: BLE001 - any failure to load is a bad model file
-        message = " ".join(str(e).split())[:200]
-        raise DataError(f"{path}: cannot load model ({type(e).__name__}: {message})") from None
-
-
-def _model_info(model):
-    outputs = int(model.output_shape[-1])
-    channels = int(model.input_shape[-1])
-    depth = len(getattr(model, "filters", ())) or 0
-    return outputs, channels, 2**depth
-
-
-def _tile_for(model, tile_size):
-    _, _, multiple = _model_info(model)
-    tile = int(tile_size or DEFAULT_TILE_SIZE)
-    return max(multiple, tile - tile % multiple)
-
-
-def predict_labels(model, image, tile_size=None, tta=False, batch_size=4, min_sizes=None):
-    """Class indices (H, W) for a normalized image, tiled when it is larger than a tile, with the
-    connected components smaller than ``min_sizes`` ({class: pixels}) removed."""
-    tile = _tile_for(model, tile_size)
-    if image.shape[0] <= tile and image.shape[1] <= tile:
-        probs = inference.predict_image(model, image, tta=tta, nan_policy="ignore")
-    else:
-        probs = inference.predict_tiled(
-            model, image, tile_size=tile, overlap=0.5, batch_size=batch_size, tta=tta,
-            nan_policy="ignore",
-        )  # fmt: skip
-    labels = inference.to_labels(probs)
-    return inference.remove_small_components(labels, min_sizes) if min_sizes else labels
-
-
-def inference_settings(plan, tile_size=None, tta=None):
-    """(tile size, TTA, {class: min component size}) for a plan (None: kunet's defaults), the
-    explicit arguments winning."""
-    s = plan["settings"] if plan else {}
-    tile = tile_size or s.get("tile_size") or DEFAULT_TILE_SIZE
-    if tta is None:
-        tta = s.get("tta") is True
-    sizes = s.get("min_component_size")
-    return tile, bool(tta), sizes if isinstance(sizes, dict) else {}
-
-
-def normalization_of(plan):
-    """(method, value range) of a plan's normalization (kunet's default without a plan)."""
-    if not plan:
-        return "percentile", None
-    s = plan["settings"]
-    return s["normalization"], s.get("intensity_range")
-
-
 def tune_inference(model, samples, plan, num_classes):
     """Resolve a plan's "auto" TTA and small-object removal by measuring them on ``samples`` (the
     held-out validation images). Small-object removal is kept only where it raises the Dice; flip
@@ -298,8 +214,8 @@ def tune_inference(model, samples, plan, num_classes):
         totals = np.zeros((3, num_classes))
         for smp in samples:
             pred = predict_labels(model, smp.image, tile, tta, min_sizes=sizes)
-            totals += _confusion(pred.ravel(), smp.mask.ravel(), num_classes)
-        return float(_scores(*totals)[0][1:].mean())
+            totals += confusion_counts(pred.ravel(), smp.mask.ravel(), num_classes)
+        return float(dice_iou(*totals)[0][1:].mean())
 
     base = dice(False)
     if s["tta"] == "auto":
@@ -327,16 +243,6 @@ def tune_inference(model, samples, plan, num_classes):
 def _say(verbose, *parts):
     if verbose:
         print(*parts, flush=True)
-
-
-def _note(line):
-    """What kunet guessed or repaired: said even under --quiet (standard error)."""
-    print(f"kunet: note: {line}", file=sys.stderr, flush=True)
-
-
-def _input_folder(path):
-    path = Path(path)
-    return path if path.is_dir() else path.parent
 
 
 # ---------------------------------------------------------------------------------- train
@@ -382,9 +288,9 @@ def train(
     guessed.
 
     Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths, where the
-    time went). Raises :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, with the run folder
-    consistent and resumable, and :class:`kunet.callbacks.NonFiniteError` when the loss or the
-    weights became NaN/inf (the folder keeps the last good epoch).
+    time went). Raises :class:`kunet.outputs.Interrupted` (a KeyboardInterrupt) after Ctrl-C, with
+    the run folder consistent and resumable, and :class:`kunet.callbacks.NonFiniteError` when the
+    loss or the weights became NaN/inf (the folder keeps the last good epoch).
     """
     start = time.monotonic()
     overrides = dict(settings or {})
@@ -464,7 +370,7 @@ def train(
     try:
         with FolderLock(out, "run folder"):
             for line in run.recover():
-                _note(f"{out}: {line}")
+                print_note(f"{out}: {line}")
             if resume:
                 state = run.read_state()
                 problems = run.problems()
@@ -473,11 +379,11 @@ def train(
             elif run.holds_run():
                 if not overwrite:
                     _refuse_run(out, run)
-                _note(
+                print_note(
                     f"--overwrite: removed {run.remove_run()} file(s) of the earlier run in {out}"
                 )
             for line in guesses.lines():  # after every check: an error is the only line printed
-                _note(line)
+                print_note(line)
             return _train_locked(
                 run, data, state, plan, start, seed=seed, nan_policy=nan_policy, verbose=verbose,
                 loading=loading,
@@ -751,168 +657,3 @@ def write_overlays(model, samples, num_classes, folder, plan=None):
         gap = np.full((truth.shape[0], 4, 3), 255, dtype="uint8")
         with atomic_path(folder / f"{s.name}.png") as tmp:
             kio.write_rgb(tmp, np.concatenate([truth, gap, guess], axis=1))
-
-
-# ---------------------------------------------------------------------------------- predict
-def predict(
-    model_path,
-    images,
-    out,
-    *,
-    tile_size=None,
-    tta=None,
-    overwrite=False,
-    nan_policy="error",
-    strict=False,
-    verbose=1,
-):
-    """Write ``<stem>.png`` (class-index palette PNG) and ``<stem>_overlay.png`` for each image.
-
-    ``images`` is a folder or one file. Every image is read and checked before the first
-    prediction, so bad input leaves nothing behind; then each image's two files are published
-    (renamed into ``out``) as soon as they are done, and only then printed, so a run stopped by a
-    kill or Ctrl-C leaves complete files only. ``out`` must not be, be inside or contain the images'
-    folder, and files already there are replaced only with ``overwrite``. ``nan_policy`` and
-    ``strict`` as in :func:`train`. The normalization, tile size, TTA and small-object removal are
-    the plan's saved beside the model (``plan.json``), ``tile_size`` and ``tta`` winning. Returns
-    the list of mask paths written.
-    """
-    images = Path(images)
-    out = Path(out)
-    if images.is_dir():
-        files = kio.list_images(images, "images")
-    elif images.is_file():
-        if not kio.is_image_file(images):
-            raise DataError(f"{images}: not an image file ({', '.join(kio.IMAGE_SUFFIXES)})")
-        files = [images]
-    else:
-        raise DataError(f"{images}: no such file or folder")
-    check_separate(out, [("images", _input_folder(images))], "output folder")
-    names = {}
-    for f in files:
-        for name in (f"{f.stem}.png", f"{f.stem}_overlay.png"):
-            if name in names:
-                raise DataError(f"{names[name]} and {f} would both write {out / name}")
-            names[name] = f
-    if tile_size is not None and int(tile_size) < 1:
-        raise DataError(f"tile size must be >= 1; got {tile_size}")
-    if out.is_dir():  # fail fast; checked again under the lock
-        check_existing(out, list(names), overwrite)
-    model = load_model(model_path)
-    plan = plan_next_to(model_path)
-    tile, tta, sizes = inference_settings(plan, tile_size, tta)
-    norm = normalization_of(plan)
-    outputs, channels, _ = _model_info(model)
-    num_classes = 2 if outputs == 1 else outputs
-    guesses = Guesses(strict)
-    for f in files:  # every image is read and checked before any work
-        kio.load_image(f, channels, nan_policy, guesses, *norm)
-    created = check_writable(out)
-    written = []
-    try:
-        with FolderLock(out):
-            removed = clean_stale(out)
-            if removed:
-                _note(f"{out}: removed {len(removed)} temporary file(s) of an interrupted run")
-            replaced = set(check_existing(out, list(names), overwrite))
-            for line in guesses.lines():
-                _note(line)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-            try:
-                for f in files:
-                    image = kio.load_image(f, channels, nan_policy, None, *norm)
-                    labels = predict_labels(model, image, tile, tta, min_sizes=sizes)
-                    mask, over = f"{f.stem}.png", f"{f.stem}_overlay.png"
-                    kio.write_mask(staging / mask, labels, num_classes)
-                    kio.write_rgb(staging / over, kio.overlay(image, labels, num_classes))
-                    _failpoints.reached("predict:staged")
-                    with deferred_sigint():  # the overlay, then the mask: published as a pair
-                        for name in (over, mask):
-                            _publish(staging / name, out / name)
-                    written.append(out / mask)
-                    fractions = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
-                    _say(
-                        verbose,
-                        f"{f} -> {out / mask} ({labels.shape[1]}x{labels.shape[0]}, "
-                        f"foreground {1 - fractions[0]:.1%})",
-                    )
-            except KeyboardInterrupt:
-                raise Interrupted(
-                    f"interrupted after {len(written)} of {len(files)} image(s); the files "
-                    f"written to {out} are complete"
-                ) from None
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-                done = {n for p in written for n in (p.name, f"{p.stem}_overlay.png")}
-                if replaced & done:
-                    _note(f"--overwrite: replaced {len(replaced & done)} existing file(s) in {out}")
-    finally:
-        if created and not any(out.iterdir()):
-            out.rmdir()
-    return written
-
-
-def _publish(source, target):
-    finish(source, target)
-    _failpoints.reached(f"predict:published:{target.name}")
-
-
-# ---------------------------------------------------------------------------------- evaluate
-def evaluate(model_path, images, masks, *, tile_size=None, tta=None, nan_policy="error",
-             strict=False):  # fmt: skip
-    """Dice and IoU per class over every pixel of the folder, and their foreground means.
-
-    Returns ``{"dice": {class: score}, "iou": {...}, "mean_dice": .., "mean_iou": .., "images": n,
-    "num_classes": K, "per_image_dice": {name: foreground Dice}}``; means are over classes
-    1..K-1. A class absent from both truth and prediction scores 1.0 (as in :mod:`kunet.metrics`).
-    ``nan_policy`` and ``strict`` as in :func:`train`; inference as in :func:`predict`.
-    """
-    model = load_model(model_path)
-    plan = plan_next_to(model_path)
-    tile, tta, sizes = inference_settings(plan, tile_size, tta)
-    outputs, channels, _ = _model_info(model)
-    num_classes = 2 if outputs == 1 else outputs
-    guesses = Guesses(strict)
-    data = load_folder(
-        images, masks, num_classes=num_classes, channels=channels, nan_policy=nan_policy,
-        guesses=guesses, normalization=None,
-    ).normalize(*normalization_of(plan), nan_policy)  # fmt: skip
-    for line in guesses.lines():
-        _note(line)
-    totals = np.zeros((3, num_classes))  # tp, fp, fn per class
-    per_image = {}
-    for s in data.samples:
-        pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes).ravel()
-        counts = _confusion(pred, s.mask.ravel(), num_classes)
-        totals += counts
-        per_image[s.name] = round(float(_scores(*counts)[0][1:].mean()), 6)
-    dice, iou = _scores(*totals)
-    return {
-        "images": len(data.samples),
-        "num_classes": num_classes,
-        "dice": {str(c): round(float(v), 6) for c, v in enumerate(dice)},
-        "iou": {str(c): round(float(v), 6) for c, v in enumerate(iou)},
-        "mean_dice": round(float(dice[1:].mean()), 6),
-        "mean_iou": round(float(iou[1:].mean()), 6),
-        "per_image_dice": per_image,
-    }
-
-
-def _confusion(pred, truth, num_classes):
-    """(3, K) true positives, false positives, false negatives per class."""
-    counts = np.zeros((3, num_classes))
-    for c in range(num_classes):
-        p, t = pred == c, truth == c
-        counts[:, c] = (
-            np.count_nonzero(p & t),
-            np.count_nonzero(p & ~t),
-            np.count_nonzero(~p & t),
-        )
-    return counts
-
-
-def _scores(tp, fp, fn):
-    """Dice and IoU per class; a class absent from truth and prediction scores 1."""
-    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
-    iou = np.where(tp + fp + fn > 0, tp / np.maximum(tp + fp + fn, 1), 1.0)
-    return dice, iou

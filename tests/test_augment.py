@@ -140,6 +140,37 @@ def test_grid_crops_cover_the_image():
     assert img.shape == (16, 16, 2) and msk.shape == (16, 16)
 
 
+def _grid_crops_before(shape, size):
+    """grid_crops as it was before it used kunet.tiling.tile_starts (the reference)."""
+    corners = []
+    for axis_len, tile in zip(shape[:2], size, strict=True):
+        if axis_len <= tile:
+            corners.append([0])
+            continue
+        starts = list(range(0, axis_len - tile + 1, tile))
+        if starts[-1] != axis_len - tile:
+            starts.append(axis_len - tile)
+        corners.append(starts)
+    return [(y, x) for y in corners[0] for x in corners[1]]
+
+
+def test_grid_crops_are_the_tile_starts_of_inference_with_a_stride_of_one_tile():
+    from kunet.inference import tile_starts
+
+    assert grid_crops((40, 50, 1), (16, 16)) == [
+        (y, x) for y in (0, 16, 24) for x in (0, 16, 32, 34)
+    ]
+    assert grid_crops((10, 70), (16, 32)) == [(0, 0), (0, 32), (0, 38)]
+    for h in (1, 8, 15, 16, 17, 31, 32, 33, 64, 100):
+        for w in (1, 16, 47, 48, 96, 129):
+            for size in ((16, 16), (32, 16), (8, 48)):
+                shape = (h, w, 3)
+                origins = grid_crops(shape, size)
+                assert origins == _grid_crops_before(shape, size), (shape, size)
+                ys, xs = tile_starts(h, size[0], size[0]), tile_starts(w, size[1], size[1])
+                assert origins == [(y, x) for y in ys for x in xs], (shape, size)
+
+
 def test_sample_nearest_mirrors_outside():
     a = np.arange(5)[None, :].repeat(2, 0)
     ys = np.zeros((1, 9))

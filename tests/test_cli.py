@@ -403,3 +403,97 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
     atomic_save_model(Fine(), target)
     assert target.read_bytes() == b"new checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
+
+
+# ---------------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--epochs", "0", "expected a positive integer, got '0'"),
+        ("--patch-size", "3.5", "expected a positive integer, got '3.5'"),
+        ("--time-budget", "-1", "expected a positive number, got '-1'"),
+        ("--time-budget", "nan", "expected a positive number, got 'nan'"),
+        ("--val-split", "1", "expected a number in [0, 1), got '1'"),
+        ("--val-split", "x", "expected a number in [0, 1), got 'x'"),
+    ],
+)
+def test_number_options_say_what_they_expect(tmp_path, capsys, option, value, expected):
+    argv = ["plan", "--images", tmp_path, "--masks", tmp_path, option, value]
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    assert stop.value.code == 2
+    assert f"argument {option}: {expected}" in capsys.readouterr().err
+
+
+def test_every_command_takes_verbose(capsys):
+    for command in ("demo", "plan", "train", "predict", "evaluate"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        assert "--verbose" in capsys.readouterr().out, command
+
+
+# ---------------------------------------------------------------------------------- start-up
+def test_startup_knows_the_kunet_command_and_when_to_stay_quiet(monkeypatch):
+    from kunet import _startup
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kunet", "demo", "--epochs", "1"])
+    assert _startup.command_args() == ["demo", "--epochs", "1"]
+    monkeypatch.setattr(sys, "argv", ["-m", "demo"])  # python -m kunet.cli, while kunet imports
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "dev", "-m", "kunet.cli", "demo"])
+    assert _startup.command_args() == ["demo"]
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "kunet.synthetic", "demo"])
+    assert _startup.command_args() is None
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest", "tests"])
+    assert _startup.command_args() is None
+    assert _startup.wants_quiet(["demo"], environ={})
+    assert not _startup.wants_quiet(["demo", "--verbose"], environ={})
+    assert not _startup.wants_quiet(["demo", "--verb"], environ={})  # argparse takes a prefix
+    assert _startup.wants_quiet(["demo", "--", "--verbose"], environ={})
+    assert not _startup.wants_quiet(["demo"], environ={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    _startup.quiet_start()  # Keras is imported already: nothing to do
+
+
+def test_startup_shows_what_it_captured_only_when_the_import_fails(capfd):
+    from kunet._startup import stderr_captured
+
+    with stderr_captured():
+        os.write(2, b"I0000 start-up noise\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ImportError), stderr_captured():
+        os.write(2, b"E0000 why it failed\n")
+        raise ImportError("no framework")
+    assert capfd.readouterr().err == "E0000 why it failed\n"
+    print("after", file=sys.stderr)
+    assert capfd.readouterr().err == "after\n"  # standard error is back
+
+
+C_LOG_LINES = ("E0000", "I0000", "W0000", "absl::InitializeLog")
+DEMO_TINY = ["--samples", "4", "--val-samples", "2", "--size", "16", "--epochs", "1"]
+DEMO_TINY += ["--batch-size", "2", "--filters", "4", "--examples", "1", "--time-budget", "0"]
+
+
+@pytest.mark.tensorflow
+def test_the_command_keeps_tensorflow_start_up_lines_out_of_the_terminal(tmp_path):
+    """TensorFlow's C++ start-up log lines (absl's, which TF_CPP_MIN_LOG_LEVEL alone does not
+    silence) stay out of the kunet command's standard error, unless the user set
+    TF_CPP_MIN_LOG_LEVEL or passed --verbose."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["KERAS_BACKEND"] = "tensorflow"
+
+    def demo(out, *extra, **environ):
+        argv = ["demo", "--out", tmp_path / out, *DEMO_TINY, *extra]
+        proc = subprocess.run(
+            [sys.executable, "-m", "kunet.cli", *map(str, argv)],
+            capture_output=True,
+            text=True,
+            env={**env, **environ},
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith("validation Dice: ")
+        return [p for p in C_LOG_LINES if p in proc.stderr]
+
+    assert demo("quiet") == []
+    assert demo("user_level", TF_CPP_MIN_LOG_LEVEL="0") != []  # the user's own setting stands
+    assert demo("verbose", "--verbose") != []

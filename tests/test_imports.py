@@ -42,8 +42,8 @@ def _onednn_setting(preset, first="", backend=None):
 
 
 def test_import_kunet_turns_on_tensorflow_onednn_unless_told_otherwise():
-    """TensorFlow's oneDNN kernels (1.15x vs 0.72x the reference's training speed on an AVX2 CPU,
-    where TensorFlow leaves them off) are the default when kunet is imported before TensorFlow."""
+    """TensorFlow's oneDNN kernels (much faster on an AVX2 CPU, where TensorFlow leaves them off:
+    benchmarks/README.md) are the default when kunet is imported before TensorFlow."""
     assert _onednn_setting(None) == "1"
     assert _onednn_setting("0") == "0"  # the user's choice stands
     # imported after TensorFlow: too late to matter, so left alone (under the TensorFlow backend:

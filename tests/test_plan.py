@@ -304,7 +304,7 @@ def test_predict_and_evaluate_follow_the_plan_beside_the_model(tmp_path, capsys)
     argv = ["train", "--images", images, "--masks", masks, "--out", out, "--epochs", "1", *TINY]
     assert run(capsys, *argv)[0] == 0
     plan = json.loads((out / "plan.json").read_text())
-    from kunet.train import inference_settings
+    from kunet.predict import inference_settings
 
     assert inference_settings(plan)[0] == plan["settings"]["tile_size"]
     assert inference_settings(plan, tile_size=64, tta=True)[:2] == (64, True)

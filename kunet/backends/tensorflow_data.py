@@ -5,10 +5,10 @@ Registered as ``UNet inputs`` "tensorflow" (:mod:`kunet.dispatch`): ``UNet.fit``
 
 ``model.fit(x, y)`` with NumPy arrays makes Keras build a ``tf.data`` pipeline with autotuned
 prefetching and a parallel ``map``. On a machine with few cores, tf.data's autotuning threads compete
-with the training step itself: on 2 CPU cores the same ``predict`` call ran at either ~145 or ~75 img/s
-from one call to the next, and ``fit`` at 18 to 31 img/s (benchmarks/README.md). Feeding in-memory
-arrays needs no tuning: this pipeline gathers each batch by index (as Keras does) with autotuning
-off and one batch prefetched, and ran at ~145 img/s every time.
+with the training step itself, and the same ``predict`` call ran at either of two very different
+speeds from one call to the next (benchmarks/README.md). Feeding in-memory arrays needs no tuning:
+this pipeline gathers each batch by index (as Keras does) with autotuning off and one batch
+prefetched, and ran at the faster speed every time.
 
 Same batches as Keras' array adapter: batches of ``batch_size`` in order (the last one partial), or a
 fresh permutation every epoch with ``shuffle=True``; float64 arrays are cast to ``keras.config.floatx()``.
