@@ -44,7 +44,8 @@ _PLAIN_CALL = (
 class EagerPlan:
     """The layers of a functional ``model`` in execution order, with where each one's inputs come from.
 
-    ``EagerPlan.build(model)`` returns None when the model does not qualify (see the module docstring).
+    ``EagerPlan.plan_or_reason(model)`` says why when the model does not qualify (see the module
+    docstring); :func:`replay_plan` caches the answer on the model.
     """
 
     def __init__(self, steps, output_slot):
@@ -52,11 +53,6 @@ class EagerPlan:
         # being the model's input
         self.steps = steps
         self.output_slot = output_slot
-
-    @classmethod
-    def build(cls, model):
-        plan = cls.plan_or_reason(model)
-        return plan if isinstance(plan, cls) else None
 
     @classmethod
     def plan_or_reason(cls, model):

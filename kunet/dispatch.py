@@ -154,7 +154,6 @@ class Implementation:
 
 
 _registry: dict[str, list[Implementation]] = {}
-_imported: set[str] = set()
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(kind, ctx): impl}
 _ran: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(kind, mode): name}
 _forced: dict[str, str] = {}
@@ -197,9 +196,7 @@ def implementations(layer_type: str, backend: str | None = None) -> list[Impleme
 
 def _import_backend(backend: str) -> None:
     for module in BACKEND_MODULES.get(backend, ()):
-        if module not in _imported:
-            importlib.import_module(module)
-            _imported.add(module)
+        importlib.import_module(module)  # a sys.modules lookup once imported
 
 
 def layer_type(layer) -> str | None:
@@ -211,12 +208,6 @@ def layer_types(layer) -> tuple:
     """Every registry key ``layer`` dispatches on (a UNet: its call and its input feeding)."""
     kind = layer_type(layer)
     return getattr(type(layer), "dispatch_types", (kind,) if kind else ())
-
-
-def is_symbolic(x) -> bool:
-    if isinstance(x, keras.KerasTensor):
-        return True
-    return getattr(getattr(x, "device", None), "type", None) == "meta"
 
 
 def context(layer, x, training=None, *, parts=1, frozen=(), fused=False) -> Context:

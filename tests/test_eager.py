@@ -76,7 +76,7 @@ def test_no_plan_where_call_is_not_enough(make_unet):
     keras.config.set_dtype_policy("float32")
     inputs = keras.Input((8, 8, 1))
     other = keras.Model(inputs, keras.layers.Activation("relu")(inputs))  # not a listed layer
-    assert _eager.EagerPlan.build(other) is None
+    assert _eager.replay_plan(other) is None
 
 
 def test_mixed_precision_model_still_predicts(make_unet):
