@@ -38,15 +38,18 @@ from kunet import (  # noqa: E402
     blocks,
     callbacks,
     data,
+    encoders,
     inference,
     io,
     layers,
     losses,
     metrics,
     outputs,
+    presets,
+    volumes,
 )
 from kunet.dispatch import FusedUnavailableError, explain, get_fused, set_fused  # noqa: E402
-from kunet.model import UNet  # noqa: E402
+from kunet.model import UNet, UNetPlusPlus  # noqa: E402
 
 if _tensorflow_first:
     from kunet.dispatch import check_tensorflow_onednn as _check_onednn
@@ -57,16 +60,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "UNet",
+    "UNetPlusPlus",
     "augment",
     "blocks",
     "callbacks",
     "data",
+    "encoders",
     "inference",
     "io",
     "layers",
     "losses",
     "metrics",
     "outputs",
+    "presets",
+    "volumes",
     "explain",
     "set_fused",
     "get_fused",

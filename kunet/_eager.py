@@ -36,6 +36,11 @@ _PLAIN_CALL = (
     kl.PadToMultiple,
     kl.CropLike,
     kl.BilinearUpSampling2D,
+    kl.TrilinearUpSampling3D,
+    kl.Conv3DTranspose,
+    kl.AttentionGate,
+    kl.ResidualDoubleConv,
+    keras.layers.Conv3D,
     keras.layers.Concatenate,
     keras.layers.Dropout,
 )

@@ -50,7 +50,8 @@ def _first_batch(data):
     return batch, None
 
 
-def check_data(x, y, *, channels, num_classes, input_shape=None, where="x", nan_policy="error"):
+def check_data(x, y, *, channels, num_classes, input_shape=None, where="x", nan_policy="error",
+               spatial_dims=2):  # fmt: skip
     """Validate images ``x`` and masks ``y`` (either may be a dataset yielding (x, y) batches).
 
     Returns ``x``, with NaN/inf values replaced by 0 where ``nan_policy`` is 'zero' and ``x`` is an
@@ -80,7 +81,8 @@ def check_data(x, y, *, channels, num_classes, input_shape=None, where="x", nan_
         y_label = "y" if where == "x" else f"{where} masks"
     if xa is None:
         return x
-    check_images(xa, channels=channels, input_shape=input_shape, name=label)
+    check_images(xa, channels=channels, input_shape=input_shape, name=label,
+                 spatial_dims=spatial_dims)  # fmt: skip
     if ya is not None:
         check_masks(ya, xa.shape, num_classes=num_classes, name=y_label, images_name=label)
     cleaned = check_finite(xa, nan_policy, name=label)
@@ -103,38 +105,50 @@ def check_finite(x, nan_policy="error", name="x"):
     )
 
 
-def check_images(x, *, channels, input_shape=None, name="x"):
-    if x.ndim != 4:
+_AXES = {2: "H, W", 3: "D, H, W"}
+
+
+def check_images(x, *, channels, input_shape=None, name="x", spatial_dims=2):
+    axes = _AXES[spatial_dims]
+    if x.ndim != spatial_dims + 2:
+        what = "images" if spatial_dims == 2 else "volumes"
+        hint = ""
+        if x.ndim == 5 and spatial_dims == 2:
+            hint = "; for volumes build the model with spatial_dims=3"
+        elif x.ndim == 4 and spatial_dims == 3:
+            hint = "; this model takes volumes: for images build it with spatial_dims=2"
         raise ValueError(
-            f"{name} must be a batch of images shaped (N, H, W, {channels}) (channels last); "
-            f"got shape {tuple(x.shape)}"
+            f"{name} must be a batch of {what} shaped (N, {axes}, {channels}) (channels last); "
+            f"got shape {tuple(x.shape)}{hint}"
         )
     if x.shape[-1] != channels:
+        none = "None, " * spatial_dims
         raise ValueError(
             f"{name} has {x.shape[-1]} channels (shape {tuple(x.shape)}) but the model expects "
             f"{channels} (input_shape={tuple(input_shape) if input_shape else None}); "
-            f"build the model with input_shape=(None, None, {x.shape[-1]})"
+            f"build the model with input_shape=({none}{x.shape[-1]})"
         )
     if input_shape is not None:
-        for axis, want in ((1, input_shape[0]), (2, input_shape[1])):
+        for axis, want in enumerate(input_shape[:-1], start=1):
             if want is not None and x.shape[axis] != want:
                 raise ValueError(
-                    f"{name} has spatial size {tuple(x.shape[1:3])} but the model was built for "
-                    f"input_shape={tuple(input_shape)}; use None for H and W to accept any size"
+                    f"{name} has spatial size {tuple(x.shape[1:-1])} but the model was built for "
+                    f"input_shape={tuple(input_shape)}; use None for {axes} to accept any size"
                 )
 
 
 def check_masks(y, image_shape, *, num_classes, name="y", images_name="x"):
-    n, h, w = image_shape[:3]
+    spatial = tuple(image_shape[:-1])  # (N, *spatial)
     shape = tuple(y.shape)
-    if shape not in ((n, h, w), (n, h, w, 1)):
+    if shape not in (spatial, spatial + (1,)):
         hint = ""
-        if y.ndim == 4 and shape[:3] == (n, h, w) and shape[-1] == num_classes > 1:
+        if y.ndim == len(image_shape) and shape[:-1] == spatial and shape[-1] == num_classes > 1:
             hint = " (one-hot masks: pass integer class indices, e.g. y.argmax(-1))"
+        axes = "N, H, W" if len(spatial) == 3 else "N, D, H, W"
         raise ValueError(
             f"{name} has shape {shape}, which does not match {images_name} of shape "
-            f"{tuple(image_shape)}: masks must be shaped (N, H, W) or (N, H, W, 1) = "
-            f"{(n, h, w)} or {(n, h, w, 1)}{hint}"
+            f"{tuple(image_shape)}: masks must be shaped ({axes}) or ({axes}, 1) = "
+            f"{spatial} or {spatial + (1,)}{hint}"
         )
     if y.size == 0:
         return

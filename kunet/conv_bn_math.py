@@ -101,3 +101,20 @@ def conv_of_concatenation(parts, kernels, conv, bias=None, add=operator.add):
     for part, kernel in zip(parts[1:], kernels[1:], strict=True):
         y = add(y, conv(part, kernel, None))
     return y
+
+
+def block_transpose(x, kernel, bias=None):
+    """A transposed convolution whose kernel equals its strides ("valid" padding), on images or
+    volumes: every input pixel maps to its own output block, so it is a matrix product and a
+    depth-to-space reshape (``ops.einsum``):
+    ``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])``.
+
+    ``kernel``: Keras' transposed-convolution layout (*block, out, in)."""
+    dims = len(x.shape) - 2
+    space, block = "ijk"[:dims], "abd"[:dims]
+    pairs = "".join(s + b for s, b in zip(space, block, strict=True))
+    y = ops.einsum(f"n{space}c,{block}oc->n{pairs}o", x, ops.cast(kernel, x.dtype))
+    shape = ops.shape(x)
+    sizes = [shape[1 + d] * int(kernel.shape[d]) for d in range(dims)]
+    y = ops.reshape(y, (-1, *sizes, int(kernel.shape[-2])))
+    return y if bias is None else y + ops.cast(bias, x.dtype)

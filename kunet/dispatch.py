@@ -151,6 +151,7 @@ class Implementation:
     description: str
     rank: int  # lower runs first; the reference is last
     fused: bool = False  # governed by the fused policy
+    spatial_dims: tuple = (2,)  # the input ranks it implements: (2,) images, (3,) volumes
 
 
 _registry: dict[str, list[Implementation]] = {}
@@ -160,16 +161,19 @@ _forced: dict[str, str] = {}
 
 
 def register(layer: str, name: str, *, rank: int, description: str, supports=None, backends=(),
-             fused=False):  # fmt: skip
+             fused=False, spatial_dims=(2,)):  # fmt: skip
     """Decorator: register the decorated ``forward`` as implementation ``name`` of ``layer``.
 
     ``supports(layer, ctx) -> None | reason`` (default: whenever the backend matches); ``rank``:
-    lower is tried first (the reference has the highest); ``backends``: () for every backend.
+    lower is tried first (the reference has the highest); ``backends``: () for every backend;
+    ``spatial_dims``: the layer's ``spatial_dims`` it implements (2: images; the references and
+    rank-agnostic paths say ``(2, 3)``).
     """
 
     def wrap(forward):
         check = supports or _always
-        add(Implementation(layer, name, tuple(backends), check, forward, description, rank, fused))
+        add(Implementation(layer, name, tuple(backends), check, forward, description, rank, fused,
+                           tuple(spatial_dims)))  # fmt: skip
         return forward
 
     return wrap
@@ -243,6 +247,9 @@ def reason(impl: Implementation, layer, ctx: Context) -> str | None:
         return f"KERAS_BACKEND is {ctx.backend!r}"
     if ctx.symbolic and impl.name != REFERENCE:
         return "symbolic tensor (building the model)"
+    dims = getattr(layer, "spatial_dims", 2)
+    if dims not in impl.spatial_dims:
+        return f"{dims}D input (this path implements {'/'.join(map(str, impl.spatial_dims))}D)"
     if impl.fused and ctx.policy is False:
         return "fused=False (the layer's fused=, kunet.set_fused or KUNET_FUSED)"
     return impl.supports(layer, ctx)

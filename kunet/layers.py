@@ -54,6 +54,10 @@ class DoubleConv(keras.layers.Layer):
     gradient (benchmarks/README.md). The variables are those of a single-tensor input with the total
     number of channels.
 
+    Images (N, H, W, C) or volumes (N, D, H, W, C): the sublayers (``conv1``, ``bn1``, ``conv2``,
+    ``bn2``; ``Conv2D`` or ``Conv3D``) are made by ``build``, for the input's rank. The fast paths
+    are 2D; a volume takes the Keras sublayers (:func:`kunet.explain` says so).
+
     Args:
         filters: output channels of both convolutions.
         batch_norm: put a ``BatchNormalization`` after each convolution (default True).
@@ -98,10 +102,18 @@ class DoubleConv(keras.layers.Layer):
         self._parts = 1
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.spatial_dims = 2  # set by build from the input's rank: 2 (images) or 3 (volumes)
+
+    def build(self, input_shape):
+        several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
+        self._parts = len(input_shape) if several else 1
+        input_shape = _concatenated_shape(input_shape)
+        self.spatial_dims = len(input_shape) - 2
+        conv_class = keras.layers.Conv2D if self.spatial_dims == 2 else keras.layers.Conv3D
 
         def conv(name):
-            return keras.layers.Conv2D(
-                filters,
+            return conv_class(
+                self.filters,
                 3,
                 padding="same",
                 use_bias=not self.batch_norm,
@@ -126,11 +138,6 @@ class DoubleConv(keras.layers.Layer):
         # costs about a microsecond, and these are read on every call
         self.__dict__["_pairs"] = ((self.conv1, self.bn1), (self.conv2, self.bn2))
         self.__dict__["_bns"] = tuple(bn for bn in (self.bn1, self.bn2) if bn is not None)
-
-    def build(self, input_shape):
-        several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
-        self._parts = len(input_shape) if several else 1
-        input_shape = _concatenated_shape(input_shape)
         mid_shape = input_shape[:-1] + (self.filters,)
         self.conv1.build(input_shape)
         self.conv2.build(mid_shape)
@@ -207,24 +214,179 @@ class DoubleConv(keras.layers.Layer):
         return config
 
 
-def _concatenated_shape(input_shape):
+def conv_layer(spatial_dims, *args, **kwargs):
+    """A convolution of the input's rank: :class:`Conv2D` (which has fast paths) for images,
+    ``keras.layers.Conv3D`` for volumes."""
+    return (Conv2D if spatial_dims == 2 else keras.layers.Conv3D)(*args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class ResidualDoubleConv(keras.layers.Layer):
+    """A :class:`DoubleConv` with a shortcut: ``DoubleConv(x) + shortcut(x)``.
+
+    The shortcut is ``x`` itself when it has ``filters`` channels, else a 1x1 convolution (+
+    BatchNormalization) of it (the projection shortcut of He et al. 2016). The sum is taken after
+    the DoubleConv's second ReLU, so the DoubleConv inside keeps its fast paths (fused Triton,
+    torch, TensorFlow). Like DoubleConv, it takes a list of inputs (a decoder's ``[skip, up]``) as
+    their channel concatenation, and images or volumes.
+
+    Args:
+        filters: output channels.
+        batch_norm, bn_momentum, fused, kernel_initializer, kernel_regularizer: as :class:`DoubleConv`.
+
+    Example:
+        >>> ResidualDoubleConv(32)(keras.ops.ones((2, 64, 64, 3)))   # (2, 64, 64, 32)
+    """
+
+    def __init__(self, filters, batch_norm=True, bn_momentum=0.99, fused=None,
+                 kernel_initializer="he_normal", kernel_regularizer=None, **kwargs):  # fmt: skip
+        _check_kwargs(self, kwargs)
+        super().__init__(**kwargs)
+        self.double_conv = DoubleConv(
+            filters, batch_norm=batch_norm, bn_momentum=bn_momentum, fused=fused,
+            kernel_initializer=kernel_initializer, kernel_regularizer=kernel_regularizer,
+            dtype=self.dtype_policy, name="double_conv",
+        )  # fmt: skip
+        self.filters = self.double_conv.filters
+        self.batch_norm = self.double_conv.batch_norm
+        self.bn_momentum = self.double_conv.bn_momentum
+        self.fused = self.double_conv.fused
+        self.projection = self.projection_bn = None
+
+    def build(self, input_shape):
+        shape = _concatenated_shape(input_shape, "ResidualDoubleConv")
+        self.double_conv.build(input_shape)
+        if shape[-1] != self.filters:
+            self.projection = conv_layer(
+                len(shape) - 2, self.filters, 1, use_bias=not self.batch_norm,
+                kernel_initializer=self.double_conv.kernel_initializer,
+                kernel_regularizer=self.double_conv.kernel_regularizer,
+                dtype=self.dtype_policy, name="projection",
+            )  # fmt: skip
+            self.projection.build(shape)
+            if self.batch_norm:
+                self.projection_bn = keras.layers.BatchNormalization(
+                    momentum=self.bn_momentum, dtype=self.dtype_policy, name="projection_bn"
+                )
+                self.projection_bn.build(shape[:-1] + (self.filters,))
+
+    def call(self, inputs, training=None):
+        y = self.double_conv(inputs, training=training)
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        shortcut = _concatenated(parts)
+        if self.projection is not None:
+            shortcut = self.projection(shortcut)
+            if self.projection_bn is not None:
+                shortcut = self.projection_bn(shortcut, training=training)
+        return y + ops.cast(shortcut, y.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return _concatenated_shape(input_shape, "ResidualDoubleConv")[:-1] + (self.filters,)
+
+    def get_config(self):
+        inner = self.double_conv.get_config()
+        config = super().get_config()
+        config.update(
+            {
+                k: inner[k]
+                for k in (
+                    "filters",
+                    "batch_norm",
+                    "bn_momentum",
+                    "kernel_initializer",
+                    "kernel_regularizer",
+                )
+            }  # fmt: skip
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class AttentionGate(keras.layers.Layer):
+    """The additive attention gate of Attention U-Net (Oktay et al. 2018) on a skip connection.
+
+    Called on ``[skip, gate]``: ``skip * sigmoid(psi(relu(theta(skip) + phi(gate))))``, where
+    ``theta``, ``phi`` (to ``inter_channels``) and ``psi`` (to one channel) are 1x1 convolutions. The
+    gate is the decoder's up-sampled tensor, so it is on the skip's grid (the paper computes the
+    gate on the coarser grid and resamples the coefficients: the same idea, one resampling fewer).
+    The coefficients, in [0, 1] per pixel, say where the decoder looks.
+
+    Args:
+        inter_channels: channels of the intermediate map (default: half the skip's, at least 1).
+
+    Example:
+        >>> gated = AttentionGate()([skip, up])   # skip's shape
+    """
+
+    def __init__(self, inter_channels=None, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(**kwargs)
+        if inter_channels is not None and (
+            isinstance(inter_channels, bool) or not isinstance(inter_channels, int)
+            or inter_channels < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"AttentionGate: inter_channels must be None or a positive int; got {inter_channels!r}"
+            )
+        self.inter_channels = inter_channels
+
+    def build(self, input_shape):
+        if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2
+                and isinstance(input_shape[0], (list, tuple))):  # fmt: skip
+            raise ValueError(
+                f"AttentionGate is called on [skip, gate]; got input shape {input_shape}"
+            )
+        skip, gate = (tuple(s) for s in input_shape)
+        if len(skip) != len(gate) or len(skip) not in (4, 5) or None in (skip[-1], gate[-1]):
+            raise ValueError(
+                "AttentionGate needs a skip and a gate of one rank (4D images or 5D volumes) with "
+                f"known channels; got shapes {skip} and {gate}"
+            )
+        dims = len(skip) - 2
+        inter = self.inter_channels or max(1, skip[-1] // 2)
+        conv = lambda filters, name, bias: conv_layer(  # noqa: E731
+            dims, filters, 1, use_bias=bias, dtype=self.dtype_policy, name=name
+        )
+        self.theta = conv(inter, "theta", False)
+        self.phi = conv(inter, "phi", True)
+        self.psi = conv(1, "psi", True)
+        self.theta.build(skip)
+        self.phi.build(gate)
+        self.psi.build(skip[:-1] + (inter,))
+
+    def coefficients(self, inputs):
+        """The attention coefficients (N, ..., 1) in [0, 1] of ``[skip, gate]``."""
+        skip, gate = inputs
+        return ops.sigmoid(self.psi(ops.relu(self.theta(skip) + self.phi(gate))))
+
+    def call(self, inputs):
+        return inputs[0] * self.coefficients(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "inter_channels": self.inter_channels}
+
+
+def _concatenated_shape(input_shape, layer="DoubleConv"):
     """The shape of a DoubleConv input, or of the channel concatenation of a list of inputs."""
     several = bool(input_shape) and isinstance(input_shape[0], (list, tuple))
     shapes = [tuple(s) for s in input_shape] if several else [tuple(input_shape)]
     for s in shapes:
-        if len(s) != 4 or s[-1] is None:
+        if len(s) not in (4, 5) or s[-1] is None or len(s) != len(shapes[0]):
             raise ValueError(
-                "DoubleConv needs 4D (N, H, W, C) inputs with a known channel count (last axis); "
-                f"got input shape {s}"
+                f"{layer} needs 4D (N, H, W, C) images or 5D (N, D, H, W, C) volumes with a known "
+                f"channel count (last axis), all of one rank; got input shapes {shapes}"
             )
     for s in shapes[1:]:
         if any(
             a is not None and b is not None and a != b
-            for a, b in zip(s[:3], shapes[0][:3], strict=True)
+            for a, b in zip(s[:-1], shapes[0][:-1], strict=True)
         ):
             raise ValueError(
-                "DoubleConv concatenates its inputs along channels, so their N, H and W must match; "
-                f"got input shapes {shapes}"
+                f"{layer} concatenates its inputs along channels, so their other axes must "
+                f"match; got input shapes {shapes}"
             )
     return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
 
@@ -274,7 +436,7 @@ def plain_conv_reason(layer) -> str | None:
 
 @keras.saving.register_keras_serializable(_PACKAGE)
 class PadToMultiple(keras.layers.Layer):
-    """Zero-pad H and W (centred) up to the next multiple of ``multiple``.
+    """Zero-pad the spatial axes (H, W; or D, H, W) centred, up to the next multiple of ``multiple``.
 
     Works on dynamic (``None``) spatial sizes: the padding is computed in the graph with ``keras.ops``.
     Pair it with :class:`CropLike` to bring the output back to the input's size.
@@ -291,26 +453,45 @@ class PadToMultiple(keras.layers.Layer):
         if self.multiple == 1:
             return inputs
         shape = ops.shape(inputs)
-        pad_h = (self.multiple - shape[1] % self.multiple) % self.multiple
-        pad_w = (self.multiple - shape[2] % self.multiple) % self.multiple
-        if isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == pad_w == 0:
+        pads = [(self.multiple - d % self.multiple) % self.multiple for d in shape[1:-1]]
+        if all(isinstance(p, int) and p == 0 for p in pads):
             return inputs  # known sizes that need no padding: skip the copy
-        top, left = pad_h // 2, pad_w // 2
-        return ops.pad(inputs, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]])
+        if len(pads) == 3:
+            return _pad_by_concatenation(inputs, pads)
+        return ops.pad(inputs, [[0, 0], *([p // 2, p - p // 2] for p in pads), [0, 0]])
 
     def compute_output_shape(self, input_shape):
         def up(d):
             return None if d is None else -(-d // self.multiple) * self.multiple
 
-        return (input_shape[0], up(input_shape[1]), up(input_shape[2]), input_shape[3])
+        return (input_shape[0], *(up(d) for d in input_shape[1:-1]), input_shape[-1])
 
     def get_config(self):
         return {**super().get_config(), "multiple": self.multiple}
 
 
+def _pad_by_concatenation(x, pads):
+    """``x`` zero-padded (centred) by ``pads`` along its spatial axes, as concatenations with zeros.
+
+    For volumes: TensorFlow's oneDNN graph rewrite fuses a ``Pad`` into the ``Conv3D`` it feeds and
+    then loses the convolution's own "same" padding (the output comes out 2 voxels short per axis),
+    which a concatenation does not trigger (tests/test_family.py runs odd-sized volumes through a
+    traced step)."""
+    for axis, p in enumerate(pads, start=1):
+        if isinstance(p, int) and p == 0:
+            continue
+        shape = list(ops.shape(x))
+        pieces = []
+        for size in (p // 2, p - p // 2):
+            shape[axis] = size
+            pieces.append(ops.zeros(shape, dtype=x.dtype))
+        x = ops.concatenate([pieces[0], x, pieces[1]], axis=axis)
+    return x
+
+
 @keras.saving.register_keras_serializable(_PACKAGE)
 class CropLike(keras.layers.Layer):
-    """Centre-crop the first input's H and W to those of the second (the undo of PadToMultiple)."""
+    """Centre-crop the first input's spatial axes to those of the second (the undo of PadToMultiple)."""
 
     def __init__(self, **kwargs):
         _check_kwargs(self, kwargs)
@@ -319,41 +500,72 @@ class CropLike(keras.layers.Layer):
     def call(self, inputs):
         x, reference = inputs
         shape, ref = ops.shape(x), ops.shape(reference)
-        if all(isinstance(d, int) for d in (*shape[1:3], *ref[1:3])) and shape[1:3] == ref[1:3]:
+        sizes, wanted = shape[1:-1], ref[1:-1]
+        if all(isinstance(d, int) for d in (*sizes, *wanted)) and tuple(sizes) == tuple(wanted):
             return x  # nothing was padded
-        top = (shape[1] - ref[1]) // 2
-        left = (shape[2] - ref[2]) // 2
-        return ops.slice(x, [0, top, left, 0], [shape[0], ref[1], ref[2], shape[3]])
+        starts = [(d - r) // 2 for d, r in zip(sizes, wanted, strict=True)]
+        return ops.slice(x, [0, *starts, 0], [shape[0], *wanted, shape[-1]])
 
     def compute_output_shape(self, input_shapes):
         x, reference = input_shapes
-        return (x[0], reference[1], reference[2], x[3])
+        return (x[0], *reference[1:-1], x[-1])
 
 
-@keras.saving.register_keras_serializable(_PACKAGE)
-class BilinearUpSampling2D(keras.layers.Layer):
-    """Bilinear 2x up-sampling (half-pixel centres, edge clamped) that works on dynamic H and W.
+class _LinearUpSampling(keras.layers.Layer):
+    """Linear 2x up-sampling of every spatial axis (half-pixel centres, edge clamped), on dynamic
+    sizes: each output pixel is 3/4 of its source pixel plus 1/4 of the neighbour on its side."""
 
-    Numerically the same as ``keras.layers.UpSampling2D(2, interpolation="bilinear")``, which on
-    TensorFlow fails in graph mode when H and W are unknown (``ops.image.resize`` tests the size in
-    Python). Each output pixel is 3/4 of its source pixel plus 1/4 of the neighbour on its side.
-    """
+    spatial_dims: int
 
     def __init__(self, **kwargs):
         _check_kwargs(self, kwargs)
         super().__init__(**kwargs)
 
+    def build(self, input_shape):
+        if len(input_shape) != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} takes {self.spatial_dims + 2}D inputs; got input shape "
+                f"{tuple(input_shape)}"
+            )
+
     def call(self, inputs):
-        return _upsample_axis(_upsample_axis(inputs, 1), 2)
+        for axis in range(1, self.spatial_dims + 1):
+            inputs = _upsample_axis(inputs, axis)
+        return inputs
 
     def compute_output_shape(self, input_shape):
-        n, h, w, c = input_shape
-        return (n, None if h is None else 2 * h, None if w is None else 2 * w, c)
+        return (
+            input_shape[0],
+            *(None if d is None else 2 * d for d in input_shape[1:-1]),
+            input_shape[-1],
+        )
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class BilinearUpSampling2D(_LinearUpSampling):
+    """Bilinear 2x up-sampling of H and W that works on dynamic sizes.
+
+    Numerically the same as ``keras.layers.UpSampling2D(2, interpolation="bilinear")``, which on
+    TensorFlow fails in graph mode when H and W are unknown (``ops.image.resize`` tests the size in
+    Python).
+    """
+
+    spatial_dims = 2
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class TrilinearUpSampling3D(_LinearUpSampling):
+    """Trilinear 2x up-sampling of D, H and W (what ``BilinearUpSampling2D`` does, on volumes);
+    Keras' ``UpSampling3D`` only repeats voxels."""
+
+    spatial_dims = 3
 
 
 def _upsample_axis(x, axis):
+    rank = len(x.shape)
+
     def take(start, stop):
-        index = [slice(None)] * 4
+        index = [slice(None)] * rank
         index[axis] = slice(start, stop)
         return x[tuple(index)]
 
@@ -362,7 +574,7 @@ def _upsample_axis(x, axis):
     even = 0.75 * x + 0.25 * previous
     odd = 0.75 * x + 0.25 * following
     shape = ops.shape(x)
-    new_shape = [-1, shape[1], shape[2], shape[3]]
+    new_shape = [-1, *shape[1:]]
     new_shape[axis] = shape[axis] * 2
     return ops.reshape(ops.stack([even, odd], axis=axis + 1), new_shape)
 
@@ -387,7 +599,8 @@ class _Dispatched:
 
 @keras.saving.register_keras_serializable(_PACKAGE)
 class MaxPool2x(_Dispatched, keras.layers.Layer):
-    """2x2 max-pooling with stride 2 (``keras.layers.MaxPooling2D(2)``, no variables).
+    """2x2 max-pooling with stride 2 (``keras.layers.MaxPooling2D(2)``, no variables); 2x2x2 on
+    volumes (``MaxPooling3D(2)``).
 
     Implementations (:func:`kunet.explain` says which runs): on torch a channels_last view pooled
     directly (``F.max_pool2d``, where Keras' own layer copies the tensor to NCHW and back); on JAX a
@@ -399,10 +612,17 @@ class MaxPool2x(_Dispatched, keras.layers.Layer):
     def __init__(self, **kwargs):
         _check_kwargs(self, kwargs)
         super().__init__(**kwargs)
+        self.spatial_dims = 2  # set by build: 2 (images) or 3 (volumes: Keras' path only)
+
+    def build(self, input_shape):
+        self.spatial_dims = len(input_shape) - 2
 
     def compute_output_shape(self, input_shape):
-        n, h, w, c = input_shape
-        return (n, None if h is None else h // 2, None if w is None else w // 2, c)
+        return (
+            input_shape[0],
+            *(None if d is None else d // 2 for d in input_shape[1:-1]),
+            input_shape[-1],
+        )
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
@@ -440,13 +660,41 @@ class Conv2DTranspose(_Dispatched, keras.layers.Conv2DTranspose):
 
     def block_transpose_reason(self) -> str | None:
         """Why this is not the block form (kernel == strides, "valid") the fast paths take, or None."""
-        if tuple(self.kernel_size) != tuple(self.strides):
-            return f"kernel_size {tuple(self.kernel_size)} != strides {tuple(self.strides)}"
-        if self.padding != "valid":
-            return f"padding={self.padding!r}"
-        if self.output_padding is not None:
-            return f"output_padding={self.output_padding}"
-        return plain_conv_reason(self)
+        return block_transpose_reason(self)
+
+
+@keras.saving.register_keras_serializable(_PACKAGE)
+class Conv3DTranspose(_Dispatched, keras.layers.Conv3DTranspose):
+    """``keras.layers.Conv3DTranspose`` (same arguments, variables and config) for volumes.
+
+    A kernel equal to its strides with ``"valid"`` padding (the 3D U-Net's 2x2x2 up-convolution) runs
+    on JAX as a matrix product and a depth-to-space reshape
+    (:func:`kunet.conv_bn_math.block_transpose`), as the 2D one does (XLA:CPU's transposed
+    convolution is slower: benchmarks/README.md). Elsewhere it is Keras' layer.
+    """
+
+    dispatch_type = "Conv3DTranspose"
+    spatial_dims = 3
+
+    def __init__(self, *args, **kwargs):
+        _check_kwargs(self, kwargs)
+        super().__init__(*args, **kwargs)
+
+    def block_transpose_reason(self) -> str | None:
+        """Why this is not the block form (kernel == strides, "valid") the fast paths take, or None."""
+        return block_transpose_reason(self)
+
+
+def block_transpose_reason(layer) -> str | None:
+    """Why the transposed convolution ``layer`` is not the block form (kernel == strides,
+    "valid") that :func:`kunet.conv_bn_math.block_transpose` computes, or None."""
+    if tuple(layer.kernel_size) != tuple(layer.strides):
+        return f"kernel_size {tuple(layer.kernel_size)} != strides {tuple(layer.strides)}"
+    if layer.padding != "valid":
+        return f"padding={layer.padding!r}"
+    if layer.output_padding is not None:
+        return f"output_padding={layer.output_padding}"
+    return plain_conv_reason(layer)
 
 
 # ---------------------------------------------------------------------------------- references
@@ -455,12 +703,16 @@ def activated(layer, y):
     return y if layer.activation is None else layer.activation(y)
 
 
-@dispatch.register("DoubleConv", dispatch.REFERENCE, rank=100, description="Keras sublayers")
+@dispatch.register(
+    "DoubleConv", dispatch.REFERENCE, rank=100, description="Keras sublayers", spatial_dims=(2, 3)
+)
 def _double_conv_reference(steps, parts, training, sublayers):
     return sublayers(parts, training)
 
 
-@dispatch.register("MaxPool2x", dispatch.REFERENCE, rank=100, description="ops.max_pool")
+@dispatch.register(
+    "MaxPool2x", dispatch.REFERENCE, rank=100, description="ops.max_pool", spatial_dims=(2, 3)
+)
 def _max_pool_reference(layer, x):
     return ops.max_pool(x, pool_size=2, strides=2, padding="valid")
 
@@ -475,3 +727,14 @@ def _conv2d_reference(layer, x):
 )
 def _conv_transpose_reference(layer, x):
     return keras.layers.Conv2DTranspose.call(layer, x)
+
+
+@dispatch.register(
+    "Conv3DTranspose",
+    dispatch.REFERENCE,
+    rank=100,
+    description="keras.layers.Conv3DTranspose",
+    spatial_dims=(3,),
+)
+def _conv3d_transpose_reference(layer, x):
+    return keras.layers.Conv3DTranspose.call(layer, x)

@@ -44,12 +44,12 @@ def _id(case):
 
 def test_unet_names_every_unknown_argument(make_unet):
     with pytest.raises(TypeError) as info:
-        make_unet(num_classes=1, upsamplng="bilinear", attention=True, encoder="resnet50")
+        make_unet(num_classes=1, upsamplng="bilinear", gating=True, backbone="resnet50")
     message = str(info.value)
     assert message.startswith("UNet() got unexpected keyword arguments ")
     assert "'upsamplng' (did you mean 'upsampling'?)" in message
-    assert "'attention'" in message
-    assert "'encoder'" in message
+    assert "'gating'" in message
+    assert "'backbone'" in message
     # no close match for two of them: the message lists what UNet takes
     assert "upsampling, dropout" in message
 

@@ -57,7 +57,8 @@ def test_explain_says_why_a_fast_path_is_not_taken():
     table names the option for each faster implementation of this backend."""
     inputs = keras.Input((8, 8, 3))
     layer = DoubleConv(4, name="odd")
-    layer.bn2.center = False  # before build: BN without beta
+    layer.build((None, 8, 8, 3))  # the sublayers are made for the input's rank
+    layer.bn2.center = False  # BN without beta
     model = keras.Model(inputs, layer(inputs))
     train, infer, why = _rows(kunet.explain(model))[("odd", "DoubleConv")]
     assert train == infer == "keras"
@@ -75,6 +76,7 @@ def test_explain_says_why_a_fast_path_is_not_taken():
 def test_on_torch_the_table_names_both_reasons():
     inputs = keras.Input((8, 8, 3))
     layer = DoubleConv(4, name="odd")
+    layer.build((None, 8, 8, 3))
     layer.bn1.scale = False
     model = keras.Model(inputs, layer(inputs))
     why = _rows(kunet.explain(model))[("odd", "DoubleConv")][2]

@@ -95,6 +95,13 @@ LAYER_CASES = [
         (5, 7),
     ),  # fmt: skip
     ("MaxPool2x", lambda dt: kl.MaxPool2x(dtype=dt), 3, (7, 9)),
+    ("Conv3DTranspose", lambda dt: kl.Conv3DTranspose(4, 2, strides=2, dtype=dt), 6, (3, 5, 4)),
+    (
+        "Conv3DTranspose",
+        lambda dt: kl.Conv3DTranspose(4, 2, strides=2, padding="same", dtype=dt),
+        6,
+        (3, 5, 4),
+    ),  # fmt: skip
 ]
 
 
@@ -275,7 +282,7 @@ def _layer_params():
 def _single_layer(i, dtype):
     kind, make, cin, size = LAYER_CASES[i]
     layer = make(dtype)
-    layer.build((None, None, None, cin))
+    layer.build((None,) * (len(size) + 1) + (cin,))
     rng = np.random.default_rng(3)
     layer.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in layer.get_weights()])
     return layer

@@ -54,7 +54,7 @@ def test_shapes_and_errors():
     built = DoubleConv(4)
     built([a, b])
     assert built.conv1.kernel.shape == (3, 3, 8, 4)  # one kernel over the 8 concatenated channels
-    with pytest.raises(ValueError, match="N, H and W must match"):
+    with pytest.raises(ValueError, match="other axes must match"):
         DoubleConv(4)([a, keras.Input((4, 8, 5))])
     with pytest.raises(ValueError, match="known channel count"):
         DoubleConv(4)([a, keras.Input((8, 8, None))])

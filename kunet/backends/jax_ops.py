@@ -5,7 +5,7 @@ Registered (see :mod:`kunet.dispatch`):
 * ``DoubleConv`` "jax": the Keras sublayers, the first convolution of a multi-part input (a decoder's
   ``[skip, up]``) computed part by part (:func:`kunet.conv_bn_math.conv_of_concatenation`) instead
   of on the concatenation: faster forward + backward on XLA:CPU at the UNet's decoder shapes;
-* ``Conv2DTranspose`` "jax": a kernel equal to its strides as a matrix product and a depth-to-space
+* ``Conv2DTranspose`` / ``Conv3DTranspose`` "jax": a kernel equal to its strides as a matrix product and a depth-to-space
   reshape (``ops.einsum``): XLA:CPU lowers Keras' transposed convolution to an input-dilated
   convolution whose backward pass was an order of magnitude slower;
 * ``MaxPool2x`` "jax": a max over a (2, 2) reshape: XLA:CPU's reduce-window backward
@@ -66,11 +66,22 @@ def double_conv(steps, parts, training, sublayers):
 )
 def conv_transpose2d(layer, x):
     """``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])``."""
-    n, h, w, _ = ops.shape(x)
-    sh, sw = layer.strides
-    y = ops.einsum("nijc,aboc->niajbo", x, ops.cast(layer.kernel, x.dtype))
-    y = ops.reshape(y, (n, h * sh, w * sw, layer.filters))
-    return activated(layer, y + ops.cast(layer.bias, x.dtype) if layer.use_bias else y)
+    return activated(
+        layer, cbm.block_transpose(x, layer.kernel, layer.bias if layer.use_bias else None)
+    )
+
+
+@dispatch.register(
+    "Conv3DTranspose",
+    "jax",
+    rank=30,
+    backends=("jax",),
+    supports=lambda layer, ctx: layer.block_transpose_reason(),
+    description="a matrix product and a depth-to-space reshape (ops.einsum)",
+    spatial_dims=(3,),
+)
+def conv_transpose3d(layer, x):
+    return conv_transpose2d(layer, x)
 
 
 @dispatch.register(

@@ -70,6 +70,7 @@ def _arrays(*values):
     rank=20,
     backends=("tensorflow",),
     description="NumPy arrays as a tf.data pipeline without autotuning threads",
+    spatial_dims=(2, 3),
 )
 def feed_arrays(model, method, args) -> bool:
     """Replace array ``x`` / ``y`` / ``sample_weight`` (and ``validation_data``) in Keras' bound

@@ -303,6 +303,7 @@ def _replay_supports(model, ctx):
     backends=("torch",),
     supports=_replay_supports,
     description="inference replays the layers' call() without Keras' per-layer __call__",
+    spatial_dims=(2, 3),
 )
 def unet_replay(model, x, training):
     return _eager.replay_plan(model)(x)
