@@ -2,13 +2,15 @@
 
 Conventions shared by every loss here:
 
-* ``y_pred`` is (N, H, W, C). C == 1 means binary: a sigmoid is applied (when ``from_logits``) and
-  ``y_true`` holds {0, 1} (or soft) values shaped (N, H, W) or (N, H, W, 1). C >= 2 means multi-class:
-  a softmax is applied and ``y_true`` holds integer class indices shaped (N, H, W) or (N, H, W, 1).
+* ``y_pred`` is (N, H, W, C) for images or (N, D, H, W, C) for volumes. C == 1 means binary: a
+  sigmoid is applied (when ``from_logits``) and ``y_true`` holds {0, 1} (or soft) values shaped
+  (N, H, W) or (N, H, W, 1) ((N, D, H, W) or (N, D, H, W, 1) for volumes). C >= 2 means multi-class:
+  a softmax is applied and ``y_true`` holds integer class indices, shaped likewise. Any other
+  ``y_true`` shape is a ValueError naming both shapes.
 * Everything is computed in float32, even under mixed precision.
 * Each loss returns one value per sample, so Keras' ``sample_weight`` and reductions apply.
-* Overlap losses (Dice, Jaccard, Tversky) are soft, computed per sample over H x W, and averaged over
-  classes (``include_background=False`` drops class 0 in the multi-class case).
+* Overlap losses (Dice, Jaccard, Tversky) are soft, computed per sample over every pixel (voxel),
+  and averaged over classes (``include_background=False`` drops class 0 in the multi-class case).
 
 Cross-entropy and focal terms reuse Keras' own ``keras.losses`` functions.
 """
@@ -23,8 +25,25 @@ from kunet._args import check_kwargs
 _PACKAGE = "kunet.losses"
 
 
+def _check_target(y_true, y_pred):
+    """ValueError unless ``y_true`` is (N, *spatial) or (N, *spatial, 1) for ``y_pred``
+    (N, *spatial, C): a mask of another rank or size would be reshaped onto the wrong pixels."""
+    t, p = tuple(y_true.shape), tuple(y_pred.shape)
+    ok = len(t) == len(p) - 1 or (len(t) == len(p) and t[-1] in (1, None))
+    if ok:  # batch and spatial sides, where both are known
+        ok = all(
+            a is None or b is None or a == b for a, b in zip(t[: len(p) - 1], p[:-1], strict=True)
+        )
+    if not ok:
+        axes = "N, D, H, W" if len(p) == 5 else "N, H, W" if len(p) == 4 else "N, ..."
+        raise ValueError(
+            f"y_true must be ({axes}) or ({axes}, 1) to match y_pred of shape {p}; got shape {t}"
+        )
+
+
 def _binary_target(y_true, y_pred):
     target = ops.cast(y_true, "float32")
+    _check_target(target, y_pred)
     if len(target.shape) == len(y_pred.shape) - 1:
         target = ops.expand_dims(target, -1)
     return target
@@ -32,13 +51,14 @@ def _binary_target(y_true, y_pred):
 
 def _sparse_labels(y_true, y_pred):
     labels = ops.cast(y_true, "int32")
+    _check_target(labels, y_pred)
     if len(labels.shape) == len(y_pred.shape):
         labels = ops.squeeze(labels, -1)
     return labels
 
 
 def _prepare(y_true, y_pred, from_logits):
-    """Float32 probabilities and matching one-hot targets, both (N, H*W, C)."""
+    """Float32 probabilities and matching one-hot targets, both (N, pixels, C)."""
     y_pred = ops.cast(y_pred, "float32")
     num_classes = y_pred.shape[-1]
     if num_classes is None:
@@ -140,12 +160,13 @@ class Tversky(_OverlapLoss):
 
 
 def _pixel_mean(values):
-    """Mean over every axis but the batch axis -> (N,)."""
+    """Mean over every axis but the batch axis (every pixel or voxel) -> (N,)."""
     return ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=-1)
 
 
 def cross_entropy(y_true, y_pred, from_logits=True):
-    """Per-sample mean pixel cross-entropy: binary for C == 1, sparse categorical for C >= 2."""
+    """Per-sample mean pixel (voxel) cross-entropy: binary for C == 1, sparse categorical for
+    C >= 2."""
     y_pred = ops.cast(y_pred, "float32")
     if y_pred.shape[-1] == 1:
         target = _binary_target(y_true, y_pred)
@@ -158,7 +179,7 @@ def cross_entropy(y_true, y_pred, from_logits=True):
 
 @keras.saving.register_keras_serializable(_PACKAGE)
 class Focal(keras.losses.Loss):
-    """Focal loss (Lin et al. 2017), binary or multi-class, per-sample mean over pixels.
+    """Focal loss (Lin et al. 2017), binary or multi-class, per-sample mean over pixels (voxels).
 
     Wraps ``keras.losses.binary_focal_crossentropy`` / ``categorical_focal_crossentropy`` with the
     integer-mask and logits conventions of this module.

@@ -2,7 +2,9 @@
 
 Both accumulate true positives, false positives and false negatives per class over every batch of an
 epoch (a "global" score, not a mean of per-batch scores), from hard predictions: ``logit > 0`` (i.e.
-probability > ``threshold``) for one output channel, ``argmax`` for several.
+probability > ``threshold``) for one output channel, ``argmax`` for several. Predictions are
+(N, H, W, C) for images or (N, D, H, W, C) for volumes, masks (N, H, W) / (N, D, H, W), optionally
+with a trailing axis of 1 (the conventions of :mod:`kunet.losses`).
 
 ``result()`` is the mean over foreground classes (the single class for ``num_classes=1``, classes
 1..C-1 otherwise), or one class's score with ``class_id=k``. ``per_class_result()`` returns every
@@ -51,7 +53,7 @@ class _OverlapMetric(keras.metrics.Metric):
         )
 
     def _hard(self, y_true, y_pred):
-        """Hard prediction and target, both one-hot float32 (N, H*W, C)."""
+        """Hard prediction and target, both one-hot float32 (N, pixels, C) (voxels for volumes)."""
         y_pred = ops.cast(y_pred, "float32")
         if y_pred.shape[-1] != self.num_classes:
             raise ValueError(
@@ -75,7 +77,7 @@ class _OverlapMetric(keras.metrics.Metric):
         pred, target = self._hard(y_true, y_pred)
         if sample_weight is not None:
             w = ops.cast(sample_weight, "float32")
-            w = ops.reshape(w, (ops.shape(w)[0], -1, 1))  # (N, 1 or H*W, 1) broadcasts
+            w = ops.reshape(w, (ops.shape(w)[0], -1, 1))  # (N, 1 or pixels, 1) broadcasts
             pred, target = pred * w, target * w
         # With weights, pred and target carry the same per-pixel weight: tp = sum(pred * [target]).
         hit = ops.sum(pred * ops.cast(target > 0, "float32"), axis=(0, 1))

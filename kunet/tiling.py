@@ -1,4 +1,4 @@
-"""Tile grids: where the tiles that cover one side of an image start.
+"""Tile grids: where the tiles that cover one side (one axis) of an image or a volume start.
 
 Shared by overlap-tile inference (:func:`kunet.inference.predict_tiled`, tiles overlapping by a
 stride shorter than the tile) and the validation tiles of :class:`kunet.data.TileDataset`

@@ -174,3 +174,102 @@ def test_losses_serialize(loss):
         float(loss(y_true, logits.astype("float32"))),
         rtol=1e-6,
     )
+
+
+# ------------------------------------------------------------------------------------ volumes
+def _np_cross_entropy(y_true, logits):
+    """Per-sample mean voxel cross-entropy from logits, in float64 numpy."""
+    n, c = logits.shape[0], logits.shape[-1]
+    if c == 1:
+        z, t = logits.reshape(n, -1), y_true.reshape(n, -1).astype("float64")
+        ce = np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))
+    else:
+        z = logits.reshape(n, -1, c)
+        log_p = z - z.max(-1, keepdims=True)
+        log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+        ce = -np.take_along_axis(log_p, y_true.reshape(n, -1, 1), axis=-1)[..., 0]
+    return ce.mean(1)
+
+
+def _binary_volume(rng):
+    return (rng.random((2, 5, 6, 7)) > 0.6).astype("float32"), rng.normal(size=(2, 5, 6, 7, 1))
+
+
+def _multi_volume(rng):
+    return rng.integers(0, 3, size=(2, 5, 6, 7)), rng.normal(size=(2, 5, 6, 7, 3))
+
+
+def _as_images(array):
+    """(N, D, H, W, ...) -> (N, D*H, W, ...): the same voxels as a batch of 2D images."""
+    return array.reshape(array.shape[0], -1, *array.shape[3:])
+
+
+_VOLUME_LOSSES = [
+    (losses.Dice(), 0.5, 0.5),
+    (losses.Jaccard(), 1.0, 1.0),
+    (losses.Tversky(alpha=0.3, beta=0.7), 0.3, 0.7),
+    (losses.Dice(include_background=False, smooth=0.5), 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize("case", [_binary_volume, _multi_volume])
+@pytest.mark.parametrize("loss, alpha, beta", _VOLUME_LOSSES)
+@pytest.mark.parametrize("channel_axis", [False, True])
+def test_overlap_losses_on_volumes_match_numpy_and_2d(case, loss, alpha, beta, channel_axis):
+    y_true, logits = case(np.random.default_rng(10))
+    logits = logits.astype("float32")
+    mask = y_true[..., None] if channel_axis else y_true
+    expected = _np_tversky(y_true, logits, alpha, beta, loss.smooth, loss.include_background).mean()
+    got = float(loss(mask, logits))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, float(loss(_as_images(mask), _as_images(logits))), rtol=1e-5)
+    probs = (1 / (1 + np.exp(-logits))) if logits.shape[-1] == 1 else _np_softmax(logits)
+    from_probs = type(loss)(**{**loss.get_config(), "from_logits": False})
+    np.testing.assert_allclose(float(from_probs(mask, probs.astype("float32"))), got, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [_binary_volume, _multi_volume])
+def test_cross_entropy_focal_and_ce_dice_on_volumes(case):
+    y_true, logits = case(np.random.default_rng(11))
+    logits = logits.astype("float32")
+    ce = keras.ops.convert_to_numpy(losses.cross_entropy(y_true, logits))
+    np.testing.assert_allclose(ce, _np_cross_entropy(y_true, logits), rtol=1e-5)
+    images = (_as_images(y_true), _as_images(logits))
+    for loss in (losses.CEDice(), losses.Focal(), losses.Focal(alpha=None, gamma=1.0)):
+        got = float(loss(y_true, logits))
+        np.testing.assert_allclose(got, float(loss(*images)), rtol=1e-5)
+        np.testing.assert_allclose(float(loss(y_true[..., None], logits)), got, rtol=1e-6)
+    expected = _np_cross_entropy(y_true, logits) + _np_tversky(y_true, logits, 0.5, 0.5)
+    np.testing.assert_allclose(float(losses.CEDice()(y_true, logits)), expected.mean(), rtol=1e-5)
+    probs = (1 / (1 + np.exp(-logits))) if logits.shape[-1] == 1 else _np_softmax(logits)
+    np.testing.assert_allclose(
+        float(losses.CEDice(from_logits=False)(y_true, probs.astype("float32"))),
+        expected.mean(),
+        rtol=1e-4,
+    )
+
+
+def test_batch_dice_on_volumes_pools_the_batch():
+    y_true, logits = _multi_volume(np.random.default_rng(12))
+    logits = logits.astype("float32")
+    pooled = _np_tversky(y_true.reshape(1, -1), logits.reshape(1, -1, 3), 0.5, 0.5)[0]
+    per_sample = keras.ops.convert_to_numpy(losses.Dice(batch_dice=True).call(y_true, logits))
+    np.testing.assert_allclose(per_sample, [pooled, pooled], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "y_shape, logits_shape",
+    [
+        ((2, 6, 7), (2, 5, 6, 7, 1)),  # a 2D mask for a volume
+        ((2, 5, 7, 6), (2, 5, 6, 7, 3)),  # same voxel count, other layout
+        ((2, 5, 6, 7, 3), (2, 5, 6, 7, 1)),  # a channel axis that is not 1
+        ((2, 4, 6), (2, 4, 6, 3, 2)),  # the image mask of 3D predictions
+        ((2, 8, 7), (2, 8, 6, 2)),  # 2D: sizes differ
+    ],
+)
+def test_mask_shape_mismatch_names_both_shapes(y_shape, logits_shape):
+    y_true = np.zeros(y_shape, "float32")
+    logits = np.zeros(logits_shape, "float32")
+    for loss in (losses.Dice(), losses.CEDice(), losses.Focal(), losses.Tversky()):
+        with pytest.raises(ValueError, match=r"y_true must be .*shape \(2, .*got shape \(2, "):
+            loss(y_true, logits)

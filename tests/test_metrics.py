@@ -108,3 +108,78 @@ def test_metrics_serialize():
     m = metrics.IoU(num_classes=5, class_id=3, threshold=0.3, name="iou_3")
     clone = keras.metrics.deserialize(keras.metrics.serialize(m))
     assert type(clone) is metrics.IoU and clone.get_config() == m.get_config()
+
+
+# ------------------------------------------------------------------------------------ volumes
+def _images(array):
+    """(N, D, H, W, ...) -> (N, D*H, W, ...): the same voxels as a batch of 2D images."""
+    return array.reshape(array.shape[0], -1, *array.shape[3:])
+
+
+@pytest.mark.parametrize("channel_axis", [False, True])
+def test_binary_metrics_on_volumes(channel_axis):
+    rng = np.random.default_rng(3)
+    y = (rng.random((3, 2, 5, 6, 7)) > 0.6).astype("float32")  # 3 batches of (2, 5, 6, 7)
+    logits = rng.normal(size=(3, 2, 5, 6, 7, 1)).astype("float32")
+    probs = 1 / (1 + np.exp(-logits))
+    volume = [metrics.Dice(), metrics.IoU(), metrics.Dice(from_logits=False, threshold=0.7)]
+    image = [metrics.Dice(), metrics.IoU(), metrics.Dice(from_logits=False, threshold=0.7)]
+    for b in range(3):
+        mask = y[b][..., None] if channel_axis else y[b]
+        for m, m2, pred in zip(volume, image, (logits[b], logits[b], probs[b]), strict=True):
+            m.update_state(mask, pred)
+            m2.update_state(_images(mask), _images(pred))
+    ref_dice, ref_iou = _np_scores(y.reshape(-1), (logits.reshape(-1) > 0).astype(int), 1)
+    ref_07, _ = _np_scores(y.reshape(-1), (probs.reshape(-1) > 0.7).astype(int), 1)
+    for m, m2, ref in zip(volume, image, (ref_dice, ref_iou, ref_07), strict=True):
+        np.testing.assert_allclose(_result(m), ref[0], rtol=1e-6)
+        np.testing.assert_allclose(_result(m), _result(m2), rtol=1e-6)
+    assert 0 < _result(volume[0]) < 1 and _result(volume[2]) != _result(volume[0])
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_multiclass_metrics_on_volumes(from_logits):
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, size=(2, 6, 5, 7))
+    logits = rng.normal(size=(2, 6, 5, 7, 3)).astype("float32")
+    pred = logits if from_logits else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    dice = metrics.Dice(num_classes=3, from_logits=from_logits)
+    iou = metrics.IoU(num_classes=3, from_logits=from_logits)
+    dice.update_state(y[..., None], pred)
+    iou.update_state(y, pred)
+    ref_dice, ref_iou = _np_scores(y.reshape(-1), logits.argmax(-1).reshape(-1), 3)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dice.per_class_result()), ref_dice, rtol=1e-6
+    )
+    np.testing.assert_allclose(_result(dice), ref_dice[1:].mean(), rtol=1e-6)
+    np.testing.assert_allclose(_result(iou), ref_iou[1:].mean(), rtol=1e-6)
+    flat = metrics.IoU(num_classes=3, from_logits=from_logits)
+    flat.update_state(_images(y), _images(pred))
+    np.testing.assert_allclose(_result(iou), _result(flat), rtol=1e-6)
+
+
+def test_volume_sample_weights_per_sample_and_per_voxel():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, size=(2, 4, 5, 6))
+    logits = rng.normal(size=(2, 4, 5, 6, 3)).astype("float32")
+    per_sample = metrics.Dice(num_classes=3)
+    per_sample.update_state(y, logits, sample_weight=np.array([0.0, 1.0]))
+    second = metrics.Dice(num_classes=3)
+    second.update_state(y[1:], logits[1:])
+    np.testing.assert_allclose(_result(per_sample), _result(second), rtol=1e-6)
+    keep = rng.random(y.shape) > 0.5  # per-voxel weights: only the kept voxels count
+    per_voxel = metrics.Dice(num_classes=3)
+    per_voxel.update_state(y, logits, sample_weight=keep.astype("float32"))
+    ref_dice, _ = _np_scores(y[keep], logits.argmax(-1)[keep], 3)
+    np.testing.assert_allclose(_result(per_voxel), ref_dice[1:].mean(), rtol=1e-6)
+
+
+def test_volume_mask_of_the_wrong_shape_is_named():
+    m = metrics.Dice(num_classes=2)
+    with pytest.raises(ValueError, match=r"y_true must be \(N, D, H, W\).*got shape \(1, 4, 4\)"):
+        m.update_state(np.zeros((1, 4, 4)), np.zeros((1, 4, 4, 4, 2), "float32"))
+    with pytest.raises(ValueError, match=r"got shape \(1, 4, 6, 5\)"):
+        m.update_state(np.zeros((1, 4, 6, 5)), np.zeros((1, 4, 5, 6, 2), "float32"))
+    binary = metrics.IoU()
+    with pytest.raises(ValueError, match=r"got shape \(1, 4, 5, 6, 2\)"):
+        binary.update_state(np.zeros((1, 4, 5, 6, 2)), np.zeros((1, 4, 5, 6, 1), "float32"))
