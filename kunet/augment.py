@@ -6,6 +6,10 @@ UNet paper) are composed into ONE map of sampling coordinates, so the image is r
 outside the image are mirrored back in, the UNet paper's border handling. Intensity transforms
 (brightness, contrast, gamma) then touch the image only.
 
+The same code serves 2D images (H, W, C) and 3D volumes (D, H, W, C): the patch size's length says
+which. In 3D the flips act on all three axes, the 90-degree rotations in the (H, W) plane, and the
+zoom and elastic displacements on all axes (the volume resampled trilinearly).
+
 numpy only; every random draw comes from the ``numpy.random.Generator`` passed in (or a seed).
 
 Example:
@@ -15,6 +19,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -52,12 +58,34 @@ def sample_bilinear(image, ys, xs):
     return (top * (1 - wy) + bottom * wy).astype("float32")
 
 
-def sample_nearest(mask, ys, xs):
-    """``mask`` (H, W) sampled at the nearest pixel of ``ys, xs`` (mirrored): labels are kept."""
-    h, w = mask.shape[:2]
-    yi = np.clip(np.rint(_mirror(ys, h)).astype(np.int64), 0, h - 1)
-    xi = np.clip(np.rint(_mirror(xs, w)).astype(np.int64), 0, w - 1)
-    return mask[yi, xi]
+def sample_linear(image, *coords):
+    """``image`` (S1, ..., Sn, C) sampled at float coordinates (one array per spatial axis, all of
+    one shape) -> (..., C), mirrored; n-linear interpolation (trilinear for volumes)."""
+    lower, weights = [], []
+    for axis, c in enumerate(coords):
+        n = image.shape[axis]
+        c = _mirror(c, n)
+        c0 = np.clip(np.floor(c).astype(np.int64), 0, n - 1)
+        lower.append((c0, np.minimum(c0 + 1, n - 1)))
+        weights.append((c - c0)[..., None].astype("float32"))
+    out = 0.0
+    for corner in itertools.product((0, 1), repeat=len(coords)):
+        w = 1.0
+        for axis, bit in enumerate(corner):
+            w = w * (weights[axis] if bit else 1 - weights[axis])
+        out = out + image[tuple(lower[axis][bit] for axis, bit in enumerate(corner))] * w
+    return np.asarray(out, dtype="float32")
+
+
+def sample_nearest(mask, *coords):
+    """``mask`` sampled at the nearest element of the float coordinates ``coords`` (one array per
+    leading axis: ``ys, xs`` for an image, ``zs, ys, xs`` for a volume), mirrored: labels are kept.
+    """
+    index = tuple(
+        np.clip(np.rint(_mirror(c, mask.shape[axis])).astype(np.int64), 0, mask.shape[axis] - 1)
+        for axis, c in enumerate(coords)
+    )
+    return mask[index]
 
 
 def _upsample_grid(coarse, h, w):
@@ -68,6 +96,13 @@ def _upsample_grid(coarse, h, w):
     return sample_bilinear(
         coarse[..., None].astype("float32"), *np.meshgrid(ys, xs, indexing="ij")
     )[..., 0]
+
+
+def _upsample_grid_nd(coarse, size):
+    """Linear upsampling of a small grid (g, ..., g) spanning the patch to ``size`` (corner-aligned)."""
+    axes = [np.linspace(0, g - 1, n) for g, n in zip(coarse.shape, size, strict=True)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    return sample_linear(coarse[..., None].astype("float32"), *grid)[..., 0]
 
 
 def _centre(n, half, rng):
@@ -145,45 +180,51 @@ class Augment:
 
     # ------------------------------------------------------------------ geometry
     def coordinates(self, image_shape, size, rng, centre=None):
-        """Sampling coordinates (ys, xs), each (h, w), of one random output patch of ``size``.
+        """Sampling coordinates, one array of shape ``size`` per spatial axis (ys, xs for an image;
+        zs, ys, xs for a volume), of one random output patch of ``size``.
 
-        ``centre``: (y, x) pixel the patch is centred on; None draws a window inside the image.
+        ``centre``: the pixel (voxel) the patch is centred on; None draws a window inside the image.
         """
-        H, W = image_shape[:2]
-        h, w = size
+        n = len(size)
+        shape = image_shape[:n]
         s = 1.0
         if self.scale is not None:
             lo, hi = np.log(self.scale[0]), np.log(self.scale[1])
             s = float(np.exp(rng.uniform(lo, hi)))
         # Output pixel offsets from the patch centre, in output pixels.
-        oy, ox = np.meshgrid(
-            np.arange(h, dtype="float64") - (h - 1) / 2,
-            np.arange(w, dtype="float64") - (w - 1) / 2,
-            indexing="ij",
+        offsets = list(
+            np.meshgrid(*(np.arange(m, dtype="float64") - (m - 1) / 2 for m in size), indexing="ij")
         )
         if self.elastic > 0 and rng.uniform() < self.elastic_prob:
             g = self.elastic_grid
-            oy = oy + _upsample_grid(rng.normal(0.0, self.elastic, (g, g)), h, w)
-            ox = ox + _upsample_grid(rng.normal(0.0, self.elastic, (g, g)), h, w)
-        # Rotation by k*90 degrees and flips act on the offsets.
+            for axis in range(n):
+                coarse = rng.normal(0.0, self.elastic, (g,) * n)
+                offsets[axis] = offsets[axis] + (
+                    _upsample_grid(coarse, *size) if n == 2 else _upsample_grid_nd(coarse, size)
+                )
+        # Rotation by k*90 degrees in the last two axes' plane, and flips, act on the offsets.
         if self.rotate90:
+            h, w = size[-2:]
             k = int(rng.integers(4)) if h == w else 2 * int(rng.integers(2))
             for _ in range(k):
-                oy, ox = ox, -oy
+                offsets[-2], offsets[-1] = offsets[-1], -offsets[-2]
         if self.flip:
-            if rng.uniform() < 0.5:
-                ox = -ox
-            if rng.uniform() < 0.5:
-                oy = -oy
+            for axis in reversed(range(n)):  # in 2D: x, then y
+                if rng.uniform() < 0.5:
+                    offsets[axis] = -offsets[axis]
         # Offsets in image pixels (zoom), then a random centre so the source window lies in the image
         # when it fits (else centred, mirrored outside).
-        oy, ox = oy / s, ox / s
-        half_h, half_w = (h - 1) / (2 * s), (w - 1) / (2 * s)
-        if centre is None:
-            cy, cx = _centre(H, half_h, rng), _centre(W, half_w, rng)
-        else:
-            cy, cx = float(centre[0]), float(centre[1])
-        return oy + cy, ox + cx
+        out = []
+        for axis in range(n):
+            half = (size[axis] - 1) / (2 * s)
+            if centre is None:
+                c = _centre(shape[axis], half, rng)
+            elif n == 2:  # kept as it was: 2D runs replay (see the report on issue #11)
+                c = float(centre[axis])
+            else:  # the window's first voxel integral, so that an unzoomed patch is not resampled
+                c = float(np.floor(float(centre[axis]) - half + 0.5)) + half
+            out.append(offsets[axis] / s + c)
+        return tuple(out)
 
     # ------------------------------------------------------------------ intensity
     def intensity(self, image, rng):
@@ -211,34 +252,36 @@ class Augment:
         Returns float32 (h, w, C) and the mask's dtype (h, w).
         """
         rng = _rng(rng, seed)
-        size = (size, size) if np.isscalar(size) else tuple(size)
-        ys, xs = self.coordinates(image.shape, size, rng, centre=centre)
-        out_image = sample_bilinear(np.asarray(image, dtype="float32"), ys, xs)
-        out_mask = None if mask is None else sample_nearest(np.asarray(mask), ys, xs)
+        n = np.ndim(image) - 1
+        size = (int(size),) * n if np.isscalar(size) else tuple(size)
+        if len(size) != n:
+            raise ValueError(f"size {size} does not match an image of shape {np.shape(image)}")
+        coords = self.coordinates(image.shape, size, rng, centre=centre)
+        image = np.asarray(image, dtype="float32")
+        out_image = sample_bilinear(image, *coords) if n == 2 else sample_linear(image, *coords)
+        out_mask = None if mask is None else sample_nearest(np.asarray(mask), *coords)
         return self.intensity(out_image, rng), out_mask
 
     def __call__(self, image, mask, rng=None, seed=None):
         """Augment (image, mask) keeping their size (the zoom picks a random window)."""
-        return self.patch(image, mask, image.shape[:2], rng=rng, seed=seed)
+        return self.patch(image, mask, image.shape[:-1], rng=rng, seed=seed)
 
 
 def grid_crops(shape, size):
-    """Top-left corners of ``size`` tiles covering an image of ``shape``, row by row: a grid of
-    :func:`kunet.tiling.tile_starts` with a stride of one tile (last tile flush)."""
-    (height, width), (h, w) = shape[:2], size
-    return [(y, x) for y in tile_starts(height, h, h) for x in tile_starts(width, w, w)]
+    """Corners of ``size`` tiles covering an image (or volume) of ``shape``, in row-major order: a
+    grid of :func:`kunet.tiling.tile_starts` with a stride of one tile (last tile flush)."""
+    starts = [tile_starts(n, t, t) for n, t in zip(shape[: len(size)], size, strict=True)]
+    return list(itertools.product(*starts))
 
 
 def crop(image, mask, corner, size):
     """The ``size`` crop at ``corner``; mirrored past the image's edge when the image is smaller."""
-    y, x = corner
-    h, w = size
-    ys, xs = np.meshgrid(
-        np.arange(y, y + h, dtype="float64"), np.arange(x, x + w, dtype="float64"), indexing="ij"
+    if all(c + t <= n for c, t, n in zip(corner, size, image.shape, strict=False)):
+        window = tuple(slice(c, c + t) for c, t in zip(corner, size, strict=True))
+        return image[window], None if mask is None else mask[window]
+    coords = np.meshgrid(
+        *(np.arange(c, c + t, dtype="float64") for c, t in zip(corner, size, strict=True)),
+        indexing="ij",
     )
-    H, W = image.shape[:2]
-    if y + h <= H and x + w <= W:
-        out_mask = None if mask is None else mask[y : y + h, x : x + w]
-        return image[y : y + h, x : x + w], out_mask
-    out_mask = None if mask is None else sample_nearest(mask, ys, xs)
-    return sample_nearest(image, ys, xs), out_mask
+    out_mask = None if mask is None else sample_nearest(mask, *coords)
+    return sample_nearest(image, *coords), out_mask

@@ -1,10 +1,16 @@
 """The kunet command line: train, predict and evaluate on image folders, and the demo.
 
-    kunet plan     --images DIR --masks DIR [--time-budget SECONDS] [--out plan.json]
-    kunet train    --images DIR --masks DIR --out RUN_DIR [--time-budget SECONDS] [--plan FILE] ...
+    kunet plan     --images DIR --masks DIR [--time-budget SECONDS] [--out plan.json] [--3d]
+    kunet train    --images DIR --masks DIR --out RUN_DIR [--time-budget SECONDS] [--plan FILE]
+                   [--model PRESET] [--3d] ...
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
-    kunet demo     [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
+    kunet demo     [--3d] [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
+
+3D volumes: folders of NIfTI (.nii, .nii.gz) or .npy volumes are read as volumes by plan and train
+without being told; folders of multi-page TIFF stacks need --3d (a .tif is otherwise a 2D image).
+predict and evaluate read volumes when the model is a 3D one, and write each mask in its input's
+format (NIfTI with the input's affine and header).
 
 Bad input (missing partners, unreadable files, size mismatches, labels beyond the classes, NaN/inf
 pixels, empty folders, an output folder that is an input folder or already holds the outputs,
@@ -95,8 +101,18 @@ def _add_model(p):
 
 
 def _add_data(p):
-    p.add_argument("--images", required=True, help="folder of images (png, jpg, tif)")
+    p.add_argument(
+        "--images", required=True, help="folder of images (png, jpg, tif) or volumes (nii, npy)"
+    )
     _add_masks(p)
+    p.add_argument(
+        "--3d",
+        dest="volumes",
+        action="store_true",
+        default=None,
+        help="read the folders as 3D volumes: needed for TIFF stacks (folders of .nii, .nii.gz or "
+        ".npy files are read as volumes without it)",
+    )
     p.add_argument(
         "--num-classes",
         type=_positive_int,
@@ -144,55 +160,47 @@ def _overrides(args):
 def _add_demo(sub):
     from kunet import demo
 
-    d = demo.DEFAULTS
+    d, d3 = demo.DEFAULTS, demo.defaults(three_d=True)
+
+    def default(name, shown=None):
+        """The help's default: the 2D one, and --3d's where it differs."""
+        two, three = (shown or str)(d[name]), (shown or str)(d3[name])
+        return f"default: {two}" + ("" if two == three else f"; with --3d: {three}")
+
+    commas = lambda v: ",".join(map(str, v))  # noqa: E731
     p = sub.add_parser(
         "demo",
         help=demo.__doc__.splitlines()[0],
         description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default=d["out"], help="output folder (default: %(default)s)")
     p.add_argument(
-        "--samples",
-        type=_positive_int,
-        default=d["samples"],
-        help="training images (default: %(default)s)",
+        "--3d",
+        dest="three_d",
+        action="store_true",
+        help="train a 3D UNet on synthetic volumes (kunet.synthetic.make_blobs3d) instead",
     )
+    p.add_argument("--out", default=d["out"], help="output folder (default: %(default)s)")
+    p.add_argument("--samples", type=_positive_int, help=f"training images ({default('samples')})")
     p.add_argument(
-        "--val-samples",
-        type=_positive_int,
-        default=d["val_samples"],
-        help="validation images (default: %(default)s)",
+        "--val-samples", type=_positive_int, help=f"validation images ({default('val_samples')})"
     )
     p.add_argument(
         "--size",
         type=_image_size,
-        default=d["size"],
-        help="image height and width in pixels (default: %(default)s)",
+        help=f"image height and width (volume side) in pixels ({default('size')})",
     )
-    p.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=d["epochs"],
-        help="training epochs (default: %(default)s)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=d["batch_size"],
-        help="batch size (default: %(default)s)",
-    )
+    p.add_argument("--epochs", type=_positive_int, help=f"training epochs ({default('epochs')})")
+    p.add_argument("--batch-size", type=_positive_int, help=f"batch size ({default('batch_size')})")
     p.add_argument(
         "--filters",
         type=_filters,
-        default=d["filters"],
-        help="UNet encoder filters, comma-separated (default: 8,16,32)",
+        help=f"UNet encoder filters, comma-separated ({default('filters', commas)})",
     )
     p.add_argument(
         "--learning-rate",
         type=float,
-        default=d["learning_rate"],
-        help="Adam learning rate, cosine-decayed to 0 (default: %(default)s)",
+        help=f"Adam learning rate, cosine-decayed to 0 ({default('learning_rate')})",
     )
     p.add_argument(
         "--seed",
@@ -203,10 +211,8 @@ def _add_demo(sub):
     p.add_argument(
         "--time-budget",
         type=float,
-        default=d["time_budget"],
         help="seconds, counted from start-up (imports included), after which no new epoch "
-        "starts when it would end past them; 0 = no limit "
-        "(default: %(default)s)",
+        f"starts when it would end past them; 0 = no limit ({default('time_budget')})",
     )
     p.add_argument(
         "--examples",
@@ -259,10 +265,13 @@ def _run_plan(args):
         check_separate(out, [("images", args.images), ("masks", args.masks)], "--out file")
         if out.is_dir():
             raise DataError(f"--out {out} is a folder; give the plan file's path")
+    from kunet.volumes import holds_volumes
+
     guesses = Guesses(args.strict)
+    volumes = args.volumes or holds_volumes(args.images)
     data = load_folder(
         args.images, args.masks, num_classes=args.num_classes, nan_policy=args.nan_policy,
-        guesses=guesses, normalization=None,
+        guesses=guesses, normalization=None, volumes=volumes,
     )  # fmt: skip
     plan = kplan.make_plan(
         kplan.fingerprint(data),
@@ -272,14 +281,22 @@ def _run_plan(args):
     )
     plan["settings"].update(settings)
     plan["reasons"].update({k: "set by the user" for k in settings})
+    replace = "model" in settings and "filters" not in settings
+    plan = kplan.with_preset(plan, 3 if volumes else 2, replace_filters=replace)
     kplan.check_settings(plan["settings"], "plan")
     for line in guesses.lines():
         print_note(line)
     fp = plan["fingerprint"]
+    if volumes:
+        median = "x".join(f"{fp[k]['median']:g}" for k in ("depth", "height", "width"))
+        what = f"{fp['images']} volume(s)"
+        median += " (DxHxW)"
+    else:
+        median = f"{fp['height']['median']:g}x{fp['width']['median']:g}"
+        what = f"{fp['images']} image(s)"
     print(
-        f"{fp['images']} image(s), {fp['channels']} channel(s), {fp['num_classes']} classes, "
-        f"median {fp['height']['median']:g}x{fp['width']['median']:g}; class fractions "
-        f"{fp['class_fractions']}"
+        f"{what}, {fp['channels']} channel(s), {fp['num_classes']} classes, median {median}; "
+        f"class fractions {fp['class_fractions']}"
     )
     for line in kplan.table(plan):
         print(line)
@@ -301,6 +318,15 @@ def _add_train(sub):
     _add_data(p)
     p.add_argument("--out", required=True, help="run folder (best.keras, plan, history, overlays)")
     p.add_argument("--plan", default=None, help="a plan file from kunet plan (default: plan now)")
+    from kunet.presets import names
+
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PRESET",
+        help="the architecture, a preset: " + ", ".join(names()) + " (default: the plain UNet "
+        "with the plan's filters; a preset's own filters are used unless --filters is given)",
+    )
     _add_plan_overrides(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -326,6 +352,8 @@ def _run_train(args):
         nan_policy=args.nan_policy,
         strict=args.strict,
         verbose=0 if args.quiet else 1,
+        volumes=args.volumes,
+        model=args.model,
     )
     return 0
 
@@ -335,10 +363,14 @@ def _add_predict(sub):
         "predict",
         help="write class-index masks and overlays for images",
         description="Predict every image (tiled when larger than a tile): <stem>.png holds class "
-        "indices (palette PNG), <stem>_overlay.png shows them on the image.",
+        "indices (palette PNG), <stem>_overlay.png shows them on the image. A 3D model reads "
+        "volumes (NIfTI, .npy, TIFF stacks) and writes each mask in its input's format (NIfTI with "
+        "the input's affine), the overlay showing one slice.",
     )
     _add_model(p)
-    p.add_argument("--images", required=True, help="an image file or a folder of images")
+    p.add_argument(
+        "--images", required=True, help="an image (volume) file or a folder of images (volumes)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     _add_inference(p)
     p.add_argument("--quiet", action="store_true", help="print no progress")
@@ -386,7 +418,7 @@ def _add_evaluate(sub):
         description="Dice and IoU per class over all pixels, and their mean over foreground classes.",
     )
     _add_model(p)
-    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--images", required=True, help="folder of images (of volumes, for a 3D model)")
     _add_masks(p)
     _add_inference(p)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")

@@ -13,6 +13,11 @@ mismatches, label values beyond ``num_classes``, NaN/inf pixels), each problem r
 conversions, 0/255 masks) is said as a :class:`kunet.io.GuessWarning`. The data is held in memory
 (the use case: a few to a few hundred images).
 
+3D volumes (:mod:`kunet.volumes`: NIfTI, ``.npy``, TIFF stacks) load the same way with
+``volumes=True``: images (D, H, W, C), masks (D, H, W), paired by the name without its suffix
+(``a.nii.gz`` with ``a.nii.gz`` or ``a.npy``); :class:`PatchDataset` and :class:`TileDataset` then
+give (B, d, h, w, C) patches.
+
 Example:
     >>> train, val = kunet.data.folder_datasets("data/images", "data/masks", patch_size=128)
     >>> model = kunet.UNet(num_classes=train.model_num_classes, input_shape=(None, None, train.channels))
@@ -30,6 +35,7 @@ import numpy as np
 
 from kunet import _failpoints
 from kunet import augment as _augment
+from kunet import volumes as _volumes
 from kunet.io import (
     DataError,
     Guesses,
@@ -74,6 +80,7 @@ class Sample:
     image: np.ndarray
     mask: np.ndarray | None
     raw: str | None = None  # the stored image's pixel type ("uint8", "uint16", ...)
+    meta: object = None  # a volume's kunet.volumes.VolumeMeta (its NIfTI affine and header)
 
 
 @dataclass
@@ -101,17 +108,21 @@ class FolderData:
         return self
 
 
-def pair_files(images, masks):
-    """[(stem, image_path, mask_path)] for ``images`` and ``masks`` folders paired by file stem."""
-    image_files = list_images(images, "images")
-    mask_files = list_images(masks, "masks")
+def pair_files(images, masks, volumes=False):
+    """[(stem, image_path, mask_path)] for ``images`` and ``masks`` folders paired by file stem
+    (``volumes``: volume files, the stem without ``.nii.gz`` etc.)."""
+    listing = _volumes.list_volumes if volumes else list_images
+    stem_of = _volumes.volume_stem if volumes else (lambda f: f.stem)
+    image_files = listing(images, "images")
+    mask_files = listing(masks, "masks")
 
     def by_stem(files, what):
         table = {}
         for f in files:
-            if f.stem in table:
-                raise DataError(f"{what}: {table[f.stem]} and {f} have the same stem {f.stem!r}")
-            table[f.stem] = f
+            stem = stem_of(f)
+            if stem in table:
+                raise DataError(f"{what}: {table[stem]} and {f} have the same stem {stem!r}")
+            table[stem] = f
         return table
 
     image_by_stem = by_stem(image_files, "images")
@@ -135,6 +146,7 @@ def load_folder(
     guesses=None,
     normalization="percentile",
     value_range=None,
+    volumes=False,
 ):
     """Read and check every pair of ``images``/``masks``; returns a :class:`FolderData`.
 
@@ -152,6 +164,7 @@ def load_folder(
         normalization: how each image is normalized (:func:`kunet.io.normalize`'s ``method``,
             with ``value_range`` for "dataset"); None: kept as stored, to normalize later with
             :meth:`FolderData.normalize` (once a plan has chosen how).
+        volumes: the folders hold 3D volumes (:mod:`kunet.volumes`), not 2D images.
     """
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
@@ -162,19 +175,31 @@ def load_folder(
     guesses = Guesses() if guesses is None else guesses
     if num_classes == 1:
         num_classes = 2
-    pairs = pair_files(images, masks)
-    raw, dtypes = [], {}
+    pairs = pair_files(images, masks, volumes)
+    raw, dtypes, metas = [], {}, {}
     largest, largest_path = 0, None
     for stem, image_path, mask_path in pairs:
         _failpoints.reached("data:read")
-        image = read_image(image_path, "error" if nan_policy == "error" else "ignore", guesses)
-        dtypes[stem] = image_dtype(image_path)
-        mask = read_mask(mask_path, guesses)
-        if image.shape[:2] != mask.shape:
-            raise DataError(
-                f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} "
-                f"is {image.shape[1]}x{image.shape[0]}"
+        if volumes:
+            image, meta = _volumes.read_volume(
+                image_path, "error" if nan_policy == "error" else "ignore"
             )
+            dtypes[stem], metas[stem] = meta.dtype, meta
+            mask = _volumes.read_volume_mask(mask_path, guesses)[0]
+            if image.shape[:3] != mask.shape:
+                raise DataError(
+                    f"{mask_path} is {_dims(mask.shape)} (DxHxW) but its image {image_path} is "
+                    f"{_dims(image.shape[:3])}"
+                )
+        else:
+            image = read_image(image_path, "error" if nan_policy == "error" else "ignore", guesses)
+            dtypes[stem] = image_dtype(image_path)
+            mask = read_mask(mask_path, guesses)
+            if image.shape[:2] != mask.shape:
+                raise DataError(
+                    f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                    f"{image_path} is {image.shape[1]}x{image.shape[0]}"
+                )
         top = int(mask.max(initial=0))
         if num_classes == 2 and top >= 2:
             values = np.unique(mask)
@@ -206,7 +231,15 @@ def load_folder(
     if channels is None:
         channels = 3 if any(r[3].shape[-1] == 3 for r in raw) else 1
     samples = [
-        Sample(stem, ip, mp, to_channels(image, channels, ip, guesses), mask, raw=dtypes[stem])
+        Sample(
+            stem,
+            ip,
+            mp,
+            to_channels(image, channels, ip, guesses),
+            mask,
+            raw=dtypes[stem],
+            meta=metas.get(stem),
+        )
         for stem, ip, mp, image, mask in raw
     ]
     if warn:
@@ -215,6 +248,10 @@ def load_folder(
     if normalization is not None:
         data.normalize(normalization, value_range, nan_policy)
     return data
+
+
+def _dims(shape):
+    return "x".join(str(n) for n in shape)
 
 
 def _values(values, limit=6):
@@ -242,7 +279,8 @@ class _SampleDataset(keras.utils.PyDataset):
         self.num_classes = int(num_classes)
         self.model_num_classes = model_num_classes(self.num_classes)
         self.channels = self.samples[0].image.shape[-1]
-        self.patch_size = _size(patch_size)
+        self.spatial_dims = self.samples[0].image.ndim - 1  # 2: images, 3: volumes
+        self.patch_size = _size(patch_size, self.spatial_dims)
         self.batch_size = int(batch_size)
 
 
@@ -258,7 +296,9 @@ class PatchDataset(_SampleDataset):
     shuffled order (``shuffle=True``), cycling until ``patches_per_epoch`` patches.
 
     Yields ``(x, y)``: x float32 (B, P, P, C); y float32 {0, 1} (B, P, P) for binary data (model with
-    one output channel), int32 class indices otherwise.
+    one output channel), int32 class indices otherwise. For volumes (samples (D, H, W, C)), patches
+    are (B, P, P, P, C) and (B, P, P, P), flipped along all three axes and rotated in the (H, W)
+    plane (:class:`kunet.augment.Augment` works in both).
     """
 
     def __init__(
@@ -280,8 +320,8 @@ class PatchDataset(_SampleDataset):
         self.foreground = float(foreground)
         self._foreground_pixels = {}
         if patches_per_epoch is None:
-            area = sum(s.image.shape[0] * s.image.shape[1] for s in self.samples)
-            per_patch = self.patch_size[0] * self.patch_size[1]
+            area = sum(math.prod(s.image.shape[:-1]) for s in self.samples)
+            per_patch = math.prod(self.patch_size)
             patches_per_epoch = max(len(self.samples), math.ceil(2 * area / per_patch), 16)
         self.patches_per_epoch = int(patches_per_epoch)
         self.shuffle = bool(shuffle)
@@ -324,13 +364,14 @@ class PatchDataset(_SampleDataset):
         return np.stack(images).astype("float32"), _targets(masks, self.num_classes)
 
     def _foreground_centre(self, i, rng):
-        """A random foreground pixel (y, x) of sample ``i``, or None if it has none."""
+        """A random foreground pixel ((y, x), or voxel (z, y, x)) of sample ``i``, or None."""
         if i not in self._foreground_pixels:
             self._foreground_pixels[i] = np.flatnonzero(self.samples[i].mask > 0)
         pixels = self._foreground_pixels[i]
         if pixels.size == 0:
             return None
-        return divmod(int(pixels[rng.integers(pixels.size)]), self.samples[i].mask.shape[1])
+        flat = int(pixels[rng.integers(pixels.size)])
+        return tuple(int(c) for c in np.unravel_index(flat, self.samples[i].mask.shape))
 
     def on_epoch_end(self):
         self.epoch += 1
@@ -366,12 +407,13 @@ class TileDataset(_SampleDataset):
         return np.stack(images).astype("float32"), _targets(masks, self.num_classes)
 
 
-def _size(size):
+def _size(size, spatial_dims=2):
     if np.isscalar(size):
-        size = (int(size), int(size))
+        size = (int(size),) * spatial_dims
     size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise DataError(f"patch_size must be a positive int or (h, w); got {size!r}")
+    if len(size) != spatial_dims or min(size) < 1:
+        shape = "(h, w)" if spatial_dims == 2 else "(d, h, w)"
+        raise DataError(f"patch_size must be a positive int or {shape}; got {size!r}")
     return size
 
 
@@ -408,9 +450,11 @@ def folder_datasets(
     foreground=1 / 3,
     nan_policy="error",
     guesses=None,
+    volumes=False,
     **kwargs,
 ):
-    """Training and validation datasets from ``images``/``masks`` folders.
+    """Training and validation datasets from ``images``/``masks`` folders (``volumes=True``:
+    folders of 3D volumes, see :mod:`kunet.volumes`).
 
     Returns ``(train, val)``: a :class:`PatchDataset` of random augmented patches and a
     :class:`TileDataset` of the held-out images' tiles. Both carry ``num_classes`` (mask classes,
@@ -426,6 +470,7 @@ def folder_datasets(
         channels=channels,
         nan_policy=nan_policy,
         guesses=guesses,
+        volumes=volumes,
     )
     train_samples, val_samples = split(data.samples, val_split, seed)
     train = PatchDataset(

@@ -205,8 +205,10 @@ def read_image(path, nan_policy="error", guesses=None):
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        stack = " (a 3D stack? read folders of them as volumes: --3d, volumes=True)"
         raise DataError(
             f"{path}: expected a 2D grayscale or RGB image; got an array of shape {array.shape}"
+            + (stack if mode == "tiff" and array.ndim >= 3 else "")
         )
     if array.shape[-1] in (2, 4):  # gray + alpha, RGBA
         kind = "gray+alpha -> gray" if array.shape[-1] == 2 else "RGBA -> RGB"

@@ -34,6 +34,22 @@ min_component_size  objects is measured on the held-out images at the end of tra
                     the removal off
 ==================  ===============================================================================
 
+Volumes (3D: the fingerprint has ``"spatial_dims": 3``) follow the same rules with cubic patches
+sized for 3D convolutions, which cost ~3x a 2D one per voxel and filter:
+
+==================  ===============================================================================
+patch_size          the median volume's smallest side, rounded down to a multiple of 8, within
+                    [16, 48] on a CPU ([16, 128] on a GPU); smaller volumes are mirrored up
+filters             3 levels of 8-16-32 under 64 voxels (receptive field ~76 voxels), else 4 levels
+                    of 16-32-64-128
+batch_size          ~131k voxels per batch (4 patches of 32^3), 2 to 8 patches
+tile_size           inference in cubes of twice the patch, at most 128
+==================  ===============================================================================
+
+``model`` names a :func:`kunet.presets.names` architecture (``kunet train --model NAME``); set
+that way, its own filters replace the plan's unless ``filters`` is set too (a plan file's ``model``
+and ``filters`` are taken as written). Null: the plain UNet.
+
 A plan is JSON (``plan.json``): ``{"kunet_plan": 1, "settings": {...}, "fingerprint": {...},
 "reasons": {...}}``. Every setting can be edited in the file or overridden (``--set NAME=VALUE``);
 an unknown setting or a bad value is an error naming it. ``kunet train`` saves the plan it used in
@@ -49,6 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kunet import presets
 from kunet.io import DataError
 
 PLAN_VERSION = 1
@@ -59,6 +76,11 @@ SCHEDULES = ("cosine", "constant")
 # default UNet (filters 16-128) on a 2-core CPU (benchmarks/README.md); a faster machine simply runs
 # more, shorter epochs. On a GPU, ~20x.
 PIXELS_PER_SECOND = {"tensorflow": 4.5e5, "torch": 4.0e5, "jax": 2.5e5}
+# The same for volumes: voxels per second of the 3D UNet (filters 8-16-32, 32^3 patches) on the
+# same 2-core CPU (benchmarks/README.md, "3D volumes").
+VOXELS_PER_SECOND = {"tensorflow": 4.5e5, "torch": 4.5e5, "jax": 4.0e4}
+VOXELS_PER_BATCH = 131072  # 4 patches of 32^3
+MAX_PATCH_3D_CPU, MAX_PATCH_3D_GPU = 48, 128
 EPOCHS_PER_BUDGET = 12
 DEFAULT_EPOCHS = 40
 PIXELS_PER_BATCH = 73728  # 8 patches of 96 px, 4 of 128 px
@@ -124,15 +146,21 @@ SETTINGS = {
         ),
         '"auto" or {class: pixels}',
     ),
+    "model": (
+        lambda v: v is None or v in presets.names(),
+        f"null (the plain UNet) or one of the presets {', '.join(presets.names())}",
+    ),
 }
+# Settings added after plan files were first written: a plan without them gets these values.
+OPTIONAL_SETTINGS = {"model": None}
 
 
 # ---------------------------------------------------------------------------------- fingerprint
 def _components(mask):
-    """Areas of the 8-connected components of a boolean mask."""
+    """Areas (voxel counts) of the 8-connected (in 3D: 26-connected) components of a boolean mask."""
     from scipy import ndimage
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     return np.bincount(labels.ravel())[1:] if count else np.zeros(0, int)
 
 
@@ -140,8 +168,10 @@ def fingerprint(data):
     """What the plan is derived from, for a :class:`kunet.data.FolderData`: sizes, channels,
     intensities (as stored), class frequencies and object sizes."""
     samples = data.samples
-    heights = np.array([s.mask.shape[0] for s in samples])
-    widths = np.array([s.mask.shape[1] for s in samples])
+    dims = samples[0].mask.ndim  # 2: images, 3: volumes (D, H, W)
+    heights = np.array([s.mask.shape[-2] for s in samples])
+    widths = np.array([s.mask.shape[-1] for s in samples])
+    sizes = np.array([s.mask.size for s in samples])
     counts = np.zeros(data.num_classes)
     areas = {c: [] for c in range(1, data.num_classes)}
     for s in samples:
@@ -166,8 +196,20 @@ def fingerprint(data):
             "p5_area": float(np.percentile(a, 5)) if a.size else 0.0,
             "min_area": float(a.min()) if a.size else 0.0,
         }
+    extra = {}
+    if dims == 3:
+        depths = np.array([s.mask.shape[0] for s in samples])
+        extra = {
+            "spatial_dims": 3,
+            "depth": {
+                "min": int(depths.min()),
+                "median": float(np.median(depths)),
+                "max": int(depths.max()),
+            },
+        }
     return {
         "images": len(samples),
+        **extra,
         "channels": data.channels,
         "num_classes": data.num_classes,
         "height": {
@@ -180,7 +222,7 @@ def fingerprint(data):
             "median": float(np.median(widths)),
             "max": int(widths.max()),
         },  # fmt: skip
-        "pixels": int((heights * widths).sum()),
+        "pixels": int(sizes.sum()),
         "class_fractions": [round(float(c), 5) for c in counts / max(counts.sum(), 1)],
         "objects": objects,
         "intensity": {
@@ -199,28 +241,46 @@ def _round_down(value, multiple):
     return max(multiple, int(value) // multiple * multiple)
 
 
+def _sizes_3d(fp, gpu):
+    """Patch side, filters, batch size and tile side for volumes (module docstring)."""
+    side = min(fp["depth"]["median"], fp["height"]["median"], fp["width"]["median"])
+    patch = min(MAX_PATCH_3D_GPU if gpu else MAX_PATCH_3D_CPU, max(16, _round_down(side, 8)))
+    filters = [8, 16, 32] if patch < 64 else [16, 32, 64, 128]
+    batch = min(8, max(2, round(VOXELS_PER_BATCH / patch**3)))
+    return patch, filters, batch, min(128, 2 * patch)
+
+
 def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
     """The settings (and the reason for each) for a fingerprint ``fp`` (see the module docstring)."""
-    side = min(fp["height"]["median"], fp["width"]["median"])
-    patch = min(MAX_PATCH_GPU if gpu else MAX_PATCH_CPU, max(64, _round_down(side, 16)))
-    depth = 4 if patch >= 128 else 3
-    filters = [16 * 2**i for i in range(depth)]
-    batch = min(16, max(4, round(PIXELS_PER_BATCH / patch**2)))
+    dims = fp.get("spatial_dims", 2)
+    if dims == 3:
+        patch, filters, batch, tile = _sizes_3d(fp, gpu)
+        depth = len(filters)
+        rate = VOXELS_PER_SECOND.get(backend, 5e4) * (20 if gpu else 1)
+    else:
+        side = min(fp["height"]["median"], fp["width"]["median"])
+        patch = min(MAX_PATCH_GPU if gpu else MAX_PATCH_CPU, max(64, _round_down(side, 16)))
+        depth = 4 if patch >= 128 else 3
+        filters = [16 * 2**i for i in range(depth)]
+        batch = min(16, max(4, round(PIXELS_PER_BATCH / patch**2)))
+        tile = min(512, 2 * patch)
+        rate = PIXELS_PER_SECOND.get(backend, 3e5) * (20 if gpu else 1)
+    voxels = patch**dims  # per patch
     fractions = fp["class_fractions"][1:] or [1.0]
     sparse = min(fractions) < 0.10
     foreground = 0.5 if sparse else round(1 / 3, 4)
-    rate = PIXELS_PER_SECOND.get(backend, 3e5) * (20 if gpu else 1)
     if time_budget:
-        total_patches = rate * float(time_budget) / patch**2
+        total_patches = rate * float(time_budget) / voxels
         per_epoch = max(batch * 8, int(total_patches / EPOCHS_PER_BUDGET) // batch * batch)
         epochs = 10_000  # the budget ends the run
-        passes = total_patches * patch**2 / max(fp["pixels"], 1)
+        passes = total_patches * voxels / max(fp["pixels"], 1)
         why_epochs = (
-            f"{time_budget:g} s at ~{rate / 1e6:.2g} Mpx/s ({backend}{', GPU' if gpu else ''}): "
+            f"{time_budget:g} s at ~{rate / 1e6:.2g} {'Mvoxel' if dims == 3 else 'Mpx'}/s "
+            f"({backend}{', GPU' if gpu else ''}): "
             f"~{EPOCHS_PER_BUDGET} epochs of {per_epoch} patches"
         )
     else:
-        per_epoch = max(16, math.ceil(2 * fp["pixels"] / patch**2))
+        per_epoch = max(16, math.ceil(2 * fp["pixels"] / voxels))
         epochs = DEFAULT_EPOCHS
         passes = epochs * 2
         why_epochs = f"no time budget: {DEFAULT_EPOCHS} epochs, each covering the images twice"
@@ -253,14 +313,29 @@ def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
         "ce_weight": 1.0,
         "dice_weight": 1.0,
         "batch_dice": sparse,
-        "tile_size": min(512, 2 * patch),
+        "tile_size": tile,
         "tta": "auto",
         "min_component_size": "auto",
+        "model": None,
     }
+    if dims == 3:
+        median = "x".join(f"{fp[k]['median']:g}" for k in ("depth", "height", "width"))
+        size_reasons = {
+            "patch_size": f"median volume {median} (DxHxW): cubes of {patch}^3",
+            "filters": f"{depth} levels: receptive field ~{2 ** (depth + 3) + 12} voxels for "
+            f"{patch}-voxel patches, few filters as 3D convolutions cost ~3x per voxel",
+            "batch_size": f"~{VOXELS_PER_BATCH // 1000}k voxels per batch, at least 2",
+            "tile_size": "twice the patch, at most 128",
+        }
+    else:
+        size_reasons = {
+            "patch_size": f"median image {fp['height']['median']:g}x{fp['width']['median']:g}",
+            "filters": f"{depth} levels: receptive field ~{2 ** (depth + 3) + 12} px for "
+            f"{patch}-px patches",
+            "batch_size": f"~{PIXELS_PER_BATCH // 1000}k pixels per batch, at least 4 for batch norm",
+        }
     reasons = {
-        "patch_size": f"median image {fp['height']['median']:g}x{fp['width']['median']:g}",
-        "filters": f"{depth} levels: receptive field ~{2 ** (depth + 3) + 12} px for {patch}-px patches",
-        "batch_size": f"~{PIXELS_PER_BATCH // 1000}k pixels per batch, at least 4 for batch norm",
+        **size_reasons,
         "foreground": "a foreground class under 10% of the pixels" if sparse else "objects common",
         "batch_dice": (
             "sparse objects, absent from many patches: Dice over the whole batch is steadier"
@@ -287,6 +362,27 @@ def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
         ),
     }
     return {"kunet_plan": PLAN_VERSION, "settings": settings, "fingerprint": fp, "reasons": reasons}
+
+
+def with_preset(plan, spatial_dims, replace_filters=True):
+    """The plan with its ``model`` preset checked against the data's ``spatial_dims`` (a 3D preset
+    on images is a DataError) and, with ``replace_filters``, the preset's filters in place of the
+    plan's (what ``--model NAME`` without ``--filters`` means)."""
+    name = plan["settings"].get("model")
+    if not name:
+        return plan
+    config = presets.config(name)
+    if config.get("spatial_dims", 2) == 3 and spatial_dims == 2:
+        raise DataError(f"--model {name} is a 3D architecture, but the images are 2D")
+    if "filters" in config and replace_filters:
+        plan = {
+            **plan,
+            "settings": dict(plan["settings"]),
+            "reasons": dict(plan.get("reasons", {})),
+        }
+        plan["settings"]["filters"] = list(config["filters"])
+        plan["reasons"]["filters"] = f"the preset's ({name})"
+    return plan
 
 
 # ---------------------------------------------------------------------------------- files
@@ -333,6 +429,8 @@ def read_plan(path):
     if not isinstance(plan.get("settings"), dict):
         raise DataError(f'{path}: the plan has no "settings" object')
     check_settings(plan["settings"], str(path))
+    for name, value in OPTIONAL_SETTINGS.items():
+        plan["settings"].setdefault(name, value)
     missing = [name for name in SETTINGS if name not in plan["settings"]]
     if missing:
         raise DataError(f"{path}: the plan lacks the setting(s) {', '.join(missing)}")

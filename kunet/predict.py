@@ -12,6 +12,10 @@ file before anything is written; the output folder is never the images' folder (
 it); files already there are replaced only with ``overwrite=True``; NaN/inf pixels are refused
 unless ``nan_policy`` says otherwise; what had to be guessed about the data is reported (or refused
 with ``strict=True``).
+
+A 3D model (``model.spatial_dims == 3``) reads its inputs as volumes (:mod:`kunet.volumes`: NIfTI,
+``.npy``, TIFF stacks) and writes each mask in its input's format, a NIfTI mask with its image's
+affine and header; its overlay shows the slice with the most predicted foreground.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from kunet import _failpoints, inference
 from kunet import io as kio
+from kunet import volumes as kvol
 from kunet.data import load_folder
 from kunet.io import DataError, Guesses, print_note
 from kunet.outputs import (
@@ -80,8 +85,16 @@ def load_model(path):
 def _model_info(model):
     outputs = int(model.output_shape[-1])
     channels = int(model.input_shape[-1])
-    depth = len(getattr(model, "filters", ())) or 0
-    return outputs, channels, 2**depth
+    multiple = getattr(model, "size_multiple", None)
+    if not isinstance(multiple, int):
+        multiple = 2 ** (len(getattr(model, "filters", ())) or 0)
+    return outputs, channels, multiple
+
+
+def spatial_dims(model):
+    """2 for a model of images, 3 for one of volumes (from its input rank)."""
+    dims = getattr(model, "spatial_dims", None)
+    return dims if isinstance(dims, int) else len(model.input_shape) - 2
 
 
 def _tile_for(model, tile_size):
@@ -91,10 +104,11 @@ def _tile_for(model, tile_size):
 
 
 def predict_labels(model, image, tile_size=None, tta=False, batch_size=4, min_sizes=None):
-    """Class indices (H, W) for a normalized image, tiled when it is larger than a tile, with the
-    connected components smaller than ``min_sizes`` ({class: pixels}) removed."""
+    """Class indices (H, W), or (D, H, W) for a volume, for a normalized image, tiled when it is
+    larger than a tile, with the connected components smaller than ``min_sizes`` ({class: pixels})
+    removed."""
     tile = _tile_for(model, tile_size)
-    if image.shape[0] <= tile and image.shape[1] <= tile:
+    if all(n <= tile for n in image.shape[:-1]):
         probs = inference.predict_image(model, image, tta=tta, nan_policy="ignore")
     else:
         probs = inference.predict_tiled(
@@ -156,18 +170,39 @@ def predict(
     """
     images = Path(images)
     out = Path(out)
+    model = load_model(model_path)
+    volumes = spatial_dims(model) == 3
+    if not volumes and kvol.holds_volumes(images):
+        raise DataError(
+            f"{images} holds 3D volumes (NIfTI/.npy) but {model_path} is a 2D model; predict "
+            "them with a model trained on volumes"
+        )
+    listing, is_file = (
+        (kvol.list_volumes, kvol.is_volume_file)
+        if volumes
+        else (kio.list_images, kio.is_image_file)
+    )
     if images.is_dir():
-        files = kio.list_images(images, "images")
+        files = listing(images, "images")
     elif images.is_file():
-        if not kio.is_image_file(images):
-            raise DataError(f"{images}: not an image file ({', '.join(kio.IMAGE_SUFFIXES)})")
+        if not is_file(images):
+            kind, suffixes = (
+                ("volume", kvol.VOLUME_SUFFIXES) if volumes else ("image", kio.IMAGE_SUFFIXES)
+            )
+            raise DataError(f"{images}: not an {kind} file ({', '.join(suffixes)})")
         files = [images]
     else:
         raise DataError(f"{images}: no such file or folder")
     check_separate(out, [("images", _input_folder(images))], "output folder")
+
+    def outputs_of(f):
+        if volumes:
+            return kvol.mask_name(f), f"{kvol.volume_stem(f)}_overlay.png"
+        return f"{f.stem}.png", f"{f.stem}_overlay.png"
+
     names = {}
     for f in files:
-        for name in (f"{f.stem}.png", f"{f.stem}_overlay.png"):
+        for name in outputs_of(f):
             if name in names:
                 raise DataError(f"{names[name]} and {f} would both write {out / name}")
             names[name] = f
@@ -175,15 +210,20 @@ def predict(
         raise DataError(f"tile size must be >= 1; got {tile_size}")
     if out.is_dir():  # fail fast; checked again under the lock
         check_existing(out, list(names), overwrite)
-    model = load_model(model_path)
     plan = plan_next_to(model_path)
     tile, tta, sizes = inference_settings(plan, tile_size, tta)
     norm = normalization_of(plan)
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
     guesses = Guesses(strict)
+
+    def load(f, guesses):
+        if volumes:
+            return kvol.load_volume(f, channels, nan_policy, guesses, *norm)
+        return kio.load_image(f, channels, nan_policy, guesses, *norm), None
+
     for f in files:  # every image is read and checked before any work
-        kio.load_image(f, channels, nan_policy, guesses, *norm)
+        load(f, guesses)
     created = check_writable(out)
     written = []
     try:
@@ -197,11 +237,17 @@ def predict(
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
             try:
                 for f in files:
-                    image = kio.load_image(f, channels, nan_policy, None, *norm)
+                    image, meta = load(f, None)
                     labels = predict_labels(model, image, tile, tta, min_sizes=sizes)
-                    mask, over = f"{f.stem}.png", f"{f.stem}_overlay.png"
-                    kio.write_mask(staging / mask, labels, num_classes)
-                    kio.write_rgb(staging / over, kio.overlay(image, labels, num_classes))
+                    mask, over = outputs_of(f)
+                    if volumes:
+                        kvol.write_mask(staging / mask, labels, like=meta, overwrite=True)
+                        k = int(np.argmax((labels > 0).sum(axis=(1, 2))))
+                        shown, shown_labels = image[k], labels[k]
+                    else:
+                        kio.write_mask(staging / mask, labels, num_classes)
+                        shown, shown_labels = image, labels
+                    kio.write_rgb(staging / over, kio.overlay(shown, shown_labels, num_classes))
                     _failpoints.reached("predict:staged")
                     with deferred_sigint():  # the overlay, then the mask: published as a pair
                         for name in (over, mask):
@@ -209,9 +255,13 @@ def predict(
                     written.append(out / mask)
                     fractions = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
                     if verbose:
+                        size = (
+                            "x".join(map(str, labels.shape)) + " DxHxW"
+                            if volumes
+                            else f"{labels.shape[1]}x{labels.shape[0]}"
+                        )
                         print(
-                            f"{f} -> {out / mask} ({labels.shape[1]}x{labels.shape[0]}, "
-                            f"foreground {1 - fractions[0]:.1%})",
+                            f"{f} -> {out / mask} ({size}, foreground {1 - fractions[0]:.1%})",
                             flush=True,
                         )
             except KeyboardInterrupt:
@@ -221,7 +271,7 @@ def predict(
                 ) from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-                done = {n for p in written for n in (p.name, f"{p.stem}_overlay.png")}
+                done = {n for f in files[: len(written)] for n in outputs_of(f)}
                 if replaced & done:
                     print_note(
                         f"--overwrite: replaced {len(replaced & done)} existing file(s) in {out}"
@@ -253,9 +303,12 @@ def evaluate(model_path, images, masks, *, tile_size=None, tta=None, nan_policy=
     outputs, channels, _ = _model_info(model)
     num_classes = 2 if outputs == 1 else outputs
     guesses = Guesses(strict)
+    volumes = spatial_dims(model) == 3
+    if not volumes and kvol.holds_volumes(images):
+        raise DataError(f"{images} holds 3D volumes (NIfTI/.npy) but {model_path} is a 2D model")
     data = load_folder(
         images, masks, num_classes=num_classes, channels=channels, nan_policy=nan_policy,
-        guesses=guesses, normalization=None,
+        guesses=guesses, normalization=None, volumes=volumes,
     ).normalize(*normalization_of(plan), nan_policy)  # fmt: skip
     for line in guesses.lines():
         print_note(line)

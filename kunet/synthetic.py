@@ -21,6 +21,10 @@ segmenter of these images (uneven illumination, dim nuclei, debris, ghosts); run
 Everything is deterministic: image ``i`` depends only on ``(seed, i)`` and the keyword arguments,
 so ``make_nuclei(10, seed=s)[0][:5]`` equals ``make_nuclei(5, seed=s)[0]``.
 
+:func:`make_blobs3d` is the 3D counterpart (``kunet demo --3d``): ellipsoids of varied size,
+orientation and brightness in a volume with smooth intensity variation (a gain field and a background
+gradient), blur and noise.
+
 Example:
     >>> images, masks = make_nuclei(256, size=64, seed=0)   # (256, 64, 64, 1) float32, (256, 64, 64) uint8
     >>> model = kunet.UNet(num_classes=1, filters=(16, 32), input_shape=(None, None, 1))
@@ -31,14 +35,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["make_nuclei", "gaussian_blur", "otsu_threshold", "otsu_dice", "dice_score"]
+__all__ = [
+    "make_nuclei",
+    "make_blobs3d",
+    "gaussian_blur",
+    "otsu_threshold",
+    "otsu_dice",
+    "dice_score",
+]
 
 _NUCLEUS, _SPINDLE = 1, 2
 
 
 # ---------------------------------------------------------------------------------------- filters
-def gaussian_blur(image, sigma):
-    """Separable Gaussian blur of the last two axes of ``image`` (reflect padding), numpy only.
+def gaussian_blur(image, sigma, axes=(-2, -1)):
+    """Separable Gaussian blur of the last two axes of ``image`` (or of ``axes``: ``(-3, -2, -1)``
+    for a volume) with reflect padding, numpy only.
 
     ``sigma`` in pixels; ``sigma <= 0`` returns the input unchanged (as float32). The kernel spans
     ``+-ceil(3 * sigma)`` pixels (capped so that reflect padding stays valid for small images).
@@ -46,7 +58,7 @@ def gaussian_blur(image, sigma):
     x = np.asarray(image, dtype=np.float32)
     if sigma <= 0:
         return x
-    for axis in (-2, -1):
+    for axis in axes:
         length = x.shape[axis]
         radius = int(min(np.ceil(3.0 * sigma), length - 1))
         if radius < 1:
@@ -64,9 +76,9 @@ def gaussian_blur(image, sigma):
     return x
 
 
-def _smooth_noise(rng, shape, sigma):
+def _smooth_noise(rng, shape, sigma, axes=(-2, -1)):
     """White noise blurred by ``sigma`` and rescaled to zero mean, unit standard deviation."""
-    field = gaussian_blur(rng.standard_normal(shape).astype(np.float32), sigma)
+    field = gaussian_blur(rng.standard_normal(shape).astype(np.float32), sigma, axes)
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
@@ -240,6 +252,82 @@ def make_nuclei(n, size=64, seed=0, channels=1, num_classes=1, density=8.0):
     return images, masks
 
 
+# ---------------------------------------------------------------------------------------- 3D
+def _rotation(rng):
+    """A random 3D rotation matrix (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _one_volume(rng, size, density):
+    zz, yy, xx = np.mgrid[0:size, 0:size, 0:size].astype(np.float32)
+    signal = np.zeros((size, size, size), np.float32)
+    labels = np.zeros((size, size, size), np.uint8)
+    count = max(1, rng.poisson(density * (size / 32.0) ** 3))
+    for _ in range(count):
+        radii = rng.uniform(3.5, 7.0, size=3)
+        centre = rng.uniform(2, size - 2, size=3)
+        rot = _rotation(rng)
+        reach = int(np.ceil(radii.max())) + 1
+        lo = np.maximum(centre.astype(int) - reach, 0)
+        hi = np.minimum(centre.astype(int) + reach + 1, size)
+        win = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        d = np.stack([zz[win] - centre[0], yy[win] - centre[1], xx[win] - centre[2]], axis=-1)
+        u = (d @ rot) / radii  # in the ellipsoid's frame, scaled by its radii
+        rho = np.sqrt((u * u).sum(axis=-1))
+        inside = rho < 1.0
+        level = rng.uniform(0.35, 1.0)
+        profile = level * (1.0 - 0.3 * rho**2)
+        region = signal[win]
+        region[inside] = np.maximum(region[inside], profile[inside])
+        labels[win][inside] = 1
+    # Smooth intensity variation: a multiplicative gain (a ramp and a slow random field) and an
+    # additive background gradient, so that no single threshold fits the whole volume.
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    ramp = (
+        (zz - size / 2) * direction[0]
+        + (yy - size / 2) * direction[1]
+        + (xx - size / 2) * direction[2]
+    ) / size
+    slow = _smooth_noise(rng, (size, size, size), size / 6.0, axes=(-3, -2, -1))
+    gain = np.clip(1.0 + rng.uniform(0.4, 0.8) * ramp + 0.15 * slow, 0.3, None)
+    t = rng.standard_normal(3)
+    t /= np.linalg.norm(t)
+    background = rng.uniform(0.05, 0.15) + rng.uniform(0.15, 0.35) * (
+        0.5 + ((zz - size / 2) * t[0] + (yy - size / 2) * t[1] + (xx - size / 2) * t[2]) / size
+    )
+    clean = gaussian_blur(gain * signal + background, rng.uniform(0.5, 0.9), axes=(-3, -2, -1))
+    noisy = clean + rng.uniform(0.05, 0.1) * rng.standard_normal(clean.shape)
+    lo, hi = np.percentile(noisy, (0.5, 99.8))
+    image = np.clip((noisy - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return image[..., None].astype(np.float32), labels
+
+
+def make_blobs3d(n, size=32, seed=0, density=5.0):
+    """Synthetic 3D volumes: ellipsoids ("blobs") in noise, with exact masks.
+
+    Each volume holds about ``density * (size / 32)**3`` ellipsoids (radii 3.5-7 voxels, random
+    orientation and brightness), under a smooth multiplicative gain field and an additive background
+    gradient, blurred (point-spread function) and with Gaussian noise, rescaled to [0, 1]. Volume
+    ``i`` depends only on ``(seed, i)`` and the other arguments.
+
+    Returns ``(images, masks)``: float32 (n, size, size, size, 1) in [0, 1] and uint8
+    (n, size, size, size) in {0, 1}.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative int; got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"size must be an int >= 8; got {size!r}")
+    if not density > 0:
+        raise ValueError(f"density must be > 0; got {density!r}")
+    images = np.zeros((n, size, size, size, 1), np.float32)
+    masks = np.zeros((n, size, size, size), np.uint8)
+    for i, child in enumerate(np.random.SeedSequence([seed, 3]).spawn(n)):
+        images[i], masks[i] = _one_volume(np.random.default_rng(child), size, density)
+    return images, masks
+
+
 # ---------------------------------------------------------------------------------------- baseline
 def otsu_threshold(values, bins=256):
     """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance.
@@ -268,7 +356,8 @@ def dice_score(truth, prediction):
 
 
 def otsu_dice(images, masks, per_image=True):
-    """Dice of the Otsu-threshold baseline (channel 0; any non-zero class counts as foreground).
+    """Dice of the Otsu-threshold baseline (channel 0; any non-zero class counts as foreground), for
+    images (N, H, W, C) or volumes (N, D, H, W, C).
 
     ``per_image=True`` thresholds each image at its own Otsu level; ``False`` uses one level for
     the whole set.
@@ -290,3 +379,8 @@ if __name__ == "__main__":  # python -m kunet.synthetic: the threshold baseline'
     print(f"512 images of 64 x 64 in {took:.2f} s; foreground {msks.mean():.3f}")
     print(f"Otsu per image: Dice {otsu_dice(imgs, msks):.3f}")
     print(f"Otsu global:    Dice {otsu_dice(imgs, msks, per_image=False):.3f}")
+    start = time.perf_counter()
+    vols, vmsks = make_blobs3d(64, size=32, seed=0)
+    took = time.perf_counter() - start
+    print(f"64 volumes of 32^3 in {took:.2f} s; foreground {vmsks.mean():.3f}")
+    print(f"Otsu per volume: Dice {otsu_dice(vols, vmsks):.3f}")

@@ -10,6 +10,10 @@ file before anything is written; the run folder is never an input folder (or ins
 one); a run already there is replaced only with ``overwrite=True``; NaN/inf pixels are refused
 unless ``nan_policy`` says otherwise; what had to be guessed about the data is reported (or refused
 with ``strict=True``).
+
+Folders of 3D volumes (NIfTI, ``.npy``, TIFF stacks: :mod:`kunet.volumes`) train a 3D UNet the same
+way: a folder holding ``.nii``/``.nii.gz``/``.npy`` files is read as volumes by itself, a folder of
+TIFF stacks with ``volumes=True`` (``--3d``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from kunet import _failpoints, dispatch
 from kunet import io as kio
+from kunet import volumes as kvol
 from kunet.augment import Augment
 from kunet.callbacks import LearningRateSchedule, NonFiniteError, TerminateOnNonFinite
 from kunet.data import PatchDataset, TileDataset, load_folder, model_num_classes, split
@@ -47,6 +52,7 @@ from kunet.plan import (
     fingerprint,
     make_plan,
     read_plan,
+    with_preset,
 )
 from kunet.predict import (
     confusion_counts,
@@ -270,6 +276,8 @@ def train(
     nan_policy="error",
     strict=False,
     verbose=1,
+    volumes=None,
+    model=None,
 ):
     """Train a UNet on the ``images``/``masks`` folders into the run folder ``out``.
 
@@ -285,7 +293,10 @@ def train(
     run is refused unless ``overwrite`` (then that run's files are replaced). ``nan_policy``: NaN/inf
     pixels are an error ('error'), set to 0 ('zero') or passed on ('ignore'). ``strict``: refuse to
     guess (the number of classes, channel conversions, 0/255 masks) instead of saying what was
-    guessed.
+    guessed. ``volumes``: the folders hold 3D volumes (None: when ``images`` holds NIfTI or
+    ``.npy`` files; True is needed for TIFF stacks). ``model``: a :func:`kunet.presets.names`
+    architecture (the plan's ``model`` setting; its filters replace the plan's unless ``filters``
+    is given).
 
     Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths, where the
     time went). Raises :class:`kunet.outputs.Interrupted` (a KeyboardInterrupt) after Ctrl-C, with
@@ -300,6 +311,14 @@ def train(
     overrides.update({k: v for k, v in named.items() if v is not None})
     if filters is not None:
         overrides["filters"] = [int(f) for f in filters]
+    if model is not None:
+        from kunet import presets
+
+        if model not in presets.names():
+            raise DataError(
+                f"--model {model!r}: unknown preset; the presets are: {', '.join(presets.names())}"
+            )
+        overrides["model"] = model
     check_settings(overrides, "settings")
     if resume and overwrite:
         raise DataError(
@@ -341,6 +360,11 @@ def train(
     elif plan is not None and not isinstance(plan, dict):
         plan = read_plan(plan)
     guesses = Guesses(strict)
+    if volumes is None:
+        volumes = kvol.holds_volumes(images)
+    if state is not None and state.get("spatial_dims", 2) != (3 if volumes else 2):
+        kind = "3D volumes" if state.get("spatial_dims", 2) == 3 else "2D images"
+        raise DataError(f"{out}: the run was trained on {kind}; {images} does not hold them")
     loading = time.monotonic()
     data = load_folder(
         images,
@@ -350,6 +374,7 @@ def train(
         nan_policy=nan_policy,
         guesses=guesses,
         normalization=None,  # as the plan says, below
+        volumes=volumes,
     )
     if plan is None:
         plan = make_plan(
@@ -363,6 +388,9 @@ def train(
         plan["reasons"] = {
             **plan.get("reasons", {}), **{k: "set by the user" for k in overrides}
         }  # fmt: skip
+    if state is None:
+        replace = "model" in overrides and "filters" not in overrides
+        plan = with_preset(plan, data.samples[0].image.ndim - 1, replace_filters=replace)
     check_settings(plan["settings"], "plan")
     data.normalize(*normalization_of(plan), nan_policy)
     loading = time.monotonic() - loading
@@ -391,6 +419,32 @@ def train(
     finally:
         if created and not any(out.iterdir()):
             out.rmdir()  # nothing was committed: leave no empty folder behind
+
+
+def _make_model(s, data):
+    """The run's UNet: the plain one, or the plan's ``model`` preset, for the data's dimensions."""
+    from kunet.model import UNet
+
+    dims = data.samples[0].image.ndim - 1
+    args = {
+        "num_classes": data.model_num_classes,
+        "filters": tuple(s["filters"]),
+        "input_shape": (None,) * dims + (data.channels,),
+        "bn_momentum": s["bn_momentum"],
+    }
+    if dims == 3:
+        args["spatial_dims"] = 3
+    if not s.get("model"):
+        return UNet(**args)
+    from kunet import presets
+
+    if "filters" not in presets.config(s["model"]):  # a pretrained encoder sets its own
+        del args["filters"]
+    try:
+        return UNet.from_preset(s["model"], **args)
+    except Exception as e:  # noqa: BLE001 - a preset that cannot be built here (weights offline, ...)
+        message = " ".join(str(e).split())[:300]
+        raise DataError(f"--model {s['model']}: {type(e).__name__}: {message}") from None
 
 
 def run_plan(run, state):
@@ -445,14 +499,7 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         model = load_model(out / "last.keras")
     held_out = val_samples != train_samples
     if state is None:
-        from kunet.model import UNet
-
-        model = UNet(
-            num_classes=data.model_num_classes,
-            filters=tuple(s["filters"]),
-            input_shape=(None, None, data.channels),
-            bn_momentum=s["bn_momentum"],
-        )
+        model = _make_model(s, data)
         model.compile(
             optimizer=keras.optimizers.Adam(s["learning_rate"]),
             loss=CEDice(
@@ -469,6 +516,7 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
             "num_classes": data.num_classes,
             "channels": data.channels,
             "filters": list(s["filters"]),
+            "spatial_dims": data.samples[0].image.ndim - 1,
             "patch_size": int(s["patch_size"]),
             "batch_size": int(s["batch_size"]),
             "seed": int(seed),
@@ -478,12 +526,14 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         }
         files = {"plan.json": (json.dumps(plan, indent=1) + "\n").encode()}
     initial_epoch = state["epoch"]
+    what = "volume(s)" if data.samples[0].image.ndim == 4 else "image(s)"
     _say(
         verbose,
-        f"kunet: {len(data.samples)} image(s) ({len(train_samples)} train, {len(val_samples)} "
+        f"kunet: {len(data.samples)} {what} ({len(train_samples)} train, {len(val_samples)} "
         f"validation), {data.num_classes} classes, {data.channels} channel(s); patches "
-        f"{s['patch_size']} x {s['batch_size']}, filters {s['filters']}, augmentation "
-        f"{s['augmentation']}; run folder {out}",
+        f"{s['patch_size']} x {s['batch_size']}, "
+        + (f"model {s['model']}, " if s.get("model") else "")
+        + f"filters {s['filters']}, augmentation {s['augmentation']}; run folder {out}",
     )
     if not held_out:
         _say(
@@ -646,14 +696,19 @@ def plot_history(rows, png_path):
 
 
 def write_overlays(model, samples, num_classes, folder, plan=None):
-    """For each sample, ``<name>.png``: truth overlay | prediction overlay, side by side."""
+    """For each sample, ``<name>.png``: truth overlay | prediction overlay, side by side (for a
+    volume, of the slice holding the most foreground)."""
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
     tile, tta, sizes = inference_settings(plan)
     for s in samples:
         pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes)
-        truth = kio.overlay(s.image, s.mask, num_classes)
-        guess = kio.overlay(s.image, pred, num_classes)
+        image, mask = s.image, s.mask
+        if image.ndim == 4:  # a volume: the slice with the most foreground
+            k = int(np.argmax((mask > 0).sum(axis=(1, 2))))
+            image, mask, pred = image[k], mask[k], pred[k]
+        truth = kio.overlay(image, mask, num_classes)
+        guess = kio.overlay(image, pred, num_classes)
         gap = np.full((truth.shape[0], 4, 3), 255, dtype="uint8")
         with atomic_path(folder / f"{s.name}.png") as tmp:
             kio.write_rgb(tmp, np.concatenate([truth, gap, guess], axis=1))

@@ -145,3 +145,32 @@ def test_bad_options_are_rejected(bad, capsys):
 def test_help_text_is_the_module_docstring_first_line():
     first = demo.__doc__.splitlines()[0]
     assert first and first.endswith(".")
+
+
+# ---------------------------------------------------------------------------------- --3d
+def test_demo_3d_trains_a_3d_unet_on_volumes(tmp_path):
+    buffer = io.StringIO()
+    argv = ["demo", "--3d", "--out", str(tmp_path), "--samples", "4", "--val-samples", "2",
+            "--size", "16", "--epochs", "1", "--batch-size", "2", "--filters", "4,8",
+            "--examples", "2", "--time-budget", "0"]  # fmt: skip
+    with contextlib.redirect_stdout(buffer):
+        assert cli.main(argv) == 0
+    stdout = buffer.getvalue()
+    assert "4 + 2 synthetic 16^3 volumes, filters (4, 8)" in stdout
+    assert "Otsu threshold baseline Dice" in stdout and "validation Dice: " in stdout
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert model.spatial_dims == 3 and model.filters == (4, 8)
+    with Image.open(tmp_path / "demo.png") as image:  # one slice per volume: 3 panels x 2 rows
+        assert image.size == (3 * 16 * ZOOM, 2 * 16 * ZOOM)
+    assert sorted(os.listdir(tmp_path)) == ["demo.png", "model.keras"]
+
+
+def test_demo_3d_has_its_own_defaults(capsys):
+    assert demo.defaults(three_d=True)["size"] == 32 and demo.defaults()["size"] == SIZE * 2
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--3d" in help_text
+    assert f"default: 512; with --3d: {demo.DEFAULTS_3D['samples']}" in help_text
+    assert "default: 8,16,32; with --3d: 8,16,32" not in help_text  # equal defaults said once
+    assert "(default: 8,16,32)" in help_text

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from kunet.synthetic import dice_score, gaussian_blur, make_nuclei, otsu_dice, otsu_threshold
+from kunet.synthetic import (
+    dice_score,
+    gaussian_blur,
+    make_blobs3d,
+    make_nuclei,
+    otsu_dice,
+    otsu_threshold,
+)
 
 
 def test_same_seed_gives_the_same_arrays():
@@ -119,3 +126,36 @@ def test_a_global_threshold_does_not_solve_the_task():
     images, masks = make_nuclei(64, size=64, seed=0)
     for per_image in (True, False):
         assert 0.5 < otsu_dice(images, masks, per_image=per_image) < 0.87
+
+
+# ---------------------------------------------------------------------------------------- 3D
+def test_blobs3d_shapes_determinism_and_ranges():
+    images, masks = make_blobs3d(3, size=16, seed=2)
+    assert images.shape == (3, 16, 16, 16, 1) and images.dtype == np.float32
+    assert masks.shape == (3, 16, 16, 16) and masks.dtype == np.uint8
+    assert images.min() >= 0.0 and images.max() <= 1.0 and set(np.unique(masks)) <= {0, 1}
+    more_images, more_masks = make_blobs3d(5, size=16, seed=2)
+    np.testing.assert_array_equal(more_images[:3], images)  # volume i depends on (seed, i) only
+    np.testing.assert_array_equal(more_masks[:3], masks)
+    assert not np.array_equal(make_blobs3d(3, size=16, seed=3)[0], images)
+    with pytest.raises(ValueError, match="size"):
+        make_blobs3d(1, size=4)
+
+
+def test_blobs3d_are_brighter_but_no_global_threshold_finds_them():
+    images, masks = make_blobs3d(16, size=32, seed=0)
+    assert 0.03 < masks.mean() < 0.25
+    for image, mask in zip(images[..., 0], masks, strict=True):
+        if mask.any():
+            assert image[mask == 1].mean() > image[mask == 0].mean() + 0.15
+    assert 0.3 < otsu_dice(images, masks) < 0.8  # the demo's UNet must reach 0.9
+
+
+def test_gaussian_blur_of_a_volume_blurs_every_axis():
+    impulse = np.zeros((9, 9, 9), np.float32)
+    impulse[4, 4, 4] = 1.0
+    blurred = gaussian_blur(impulse, 1.0, axes=(-3, -2, -1))
+    assert blurred.sum() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(blurred, blurred.transpose(2, 1, 0), atol=1e-7)
+    along = [blurred[2, 4, 4], blurred[4, 2, 4], blurred[4, 4, 2]]  # 2 voxels off, on each axis
+    assert min(along) > 0.005 and max(along) == pytest.approx(min(along), rel=1e-5)
