@@ -219,6 +219,21 @@ def read_image(path, nan_policy="error", guesses=None):
     return apply_nan_policy(array.astype("float32"), nan_policy, str(path))
 
 
+def class_index_values(array, path):
+    """``array`` (a mask read from ``path``) checked to hold class indices: no NaN/inf, integers,
+    none negative (DataError naming the file); booleans as uint8."""
+    bad = count_nonfinite(array)
+    if bad:
+        raise DataError(f"{path}: mask holds {bad} NaN/inf value(s); masks hold class indices")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
+        raise DataError(f"{path}: mask must hold integer class indices")
+    if array.dtype == bool:
+        array = array.astype("uint8")
+    if array.size and array.min() < 0:
+        raise DataError(f"{path}: mask has negative values (min {array.min()})")
+    return array
+
+
 def read_mask(path, guesses=None):
     """The mask at ``path`` as int32 (H, W) class indices (0/255 masks become 0/1, noted in
     ``guesses``)."""
@@ -236,15 +251,7 @@ def read_mask(path, guesses=None):
             )
     if array.ndim != 2:
         raise DataError(f"{path}: expected a 2D mask; got an array of shape {array.shape}")
-    bad = count_nonfinite(array)
-    if bad:
-        raise DataError(f"{path}: mask holds {bad} NaN/inf value(s); masks hold class indices")
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-        raise DataError(f"{path}: mask must hold integer class indices")
-    if array.dtype == bool:
-        array = array.astype("uint8")
-    if array.size and array.min() < 0:
-        raise DataError(f"{path}: mask has negative values (min {array.min()})")
+    array = class_index_values(array, path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         # JPEG is lossy: label values blur. Read it as a binary mask (> half range = foreground).
         _note(guesses, path, "JPEG mask read as binary (values above 127 -> 1)")

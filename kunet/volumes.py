@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from kunet import io as kio
-from kunet.io import DataError, _note, _one_line, apply_nan_policy, count_nonfinite
+from kunet.io import (
+    DataError,
+    _note,
+    _one_line,
+    apply_nan_policy,
+    class_index_values,
+    count_nonfinite,
+)
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -254,15 +261,7 @@ def read_volume_mask(path, guesses=None):
         raise DataError(
             f"{path}: expected a 3D mask (D, H, W); got an array of shape {array.shape}"
         )
-    bad = count_nonfinite(array)
-    if bad:
-        raise DataError(f"{path}: mask holds {bad} NaN/inf value(s); masks hold class indices")
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-        raise DataError(f"{path}: mask must hold integer class indices")
-    if array.dtype == bool:
-        array = array.astype("uint8")
-    if array.size and array.min() < 0:
-        raise DataError(f"{path}: mask has negative values (min {array.min()})")
+    array = class_index_values(array, path)
     values = np.unique(array)
     top = values.max(initial=0)
     if values.size <= 2 and top in (255, 65535) and values.min() in (0, top):
