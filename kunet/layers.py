@@ -452,13 +452,12 @@ class PadToMultiple(keras.layers.Layer):
     def call(self, inputs):
         if self.multiple == 1:
             return inputs
-        shape = ops.shape(inputs)
-        pads = [(self.multiple - d % self.multiple) % self.multiple for d in shape[1:-1]]
-        if all(isinstance(p, int) and p == 0 for p in pads):
+        pads = centred_padding(ops.shape(inputs)[1:-1], self.multiple)
+        if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
             return inputs  # known sizes that need no padding: skip the copy
         if len(pads) == 3:
             return _pad_by_concatenation(inputs, pads)
-        return ops.pad(inputs, [[0, 0], *([p // 2, p - p // 2] for p in pads), [0, 0]])
+        return ops.pad(inputs, [[0, 0], *pads, [0, 0]])
 
     def compute_output_shape(self, input_shape):
         def up(d):
@@ -470,19 +469,28 @@ class PadToMultiple(keras.layers.Layer):
         return {**super().get_config(), "multiple": self.multiple}
 
 
+def centred_padding(sizes, multiple) -> list:
+    """``[before, after]`` per axis of ``sizes`` (ints, or tensors for unknown sizes) that pads
+    each up to the next multiple of ``multiple``, centred (the extra one after): what
+    :class:`PadToMultiple` adds inside the graph, and what deep supervision pads its masks by."""
+    pads = [(multiple - d % multiple) % multiple for d in sizes]
+    return [[p // 2, p - p // 2] for p in pads]
+
+
 def _pad_by_concatenation(x, pads):
-    """``x`` zero-padded (centred) by ``pads`` along its spatial axes, as concatenations with zeros.
+    """``x`` zero-padded by ``pads`` (``[before, after]`` per spatial axis), as concatenations with
+    zeros.
 
     For volumes: TensorFlow's oneDNN graph rewrite fuses a ``Pad`` into the ``Conv3D`` it feeds and
     then loses the convolution's own "same" padding (the output comes out 2 voxels short per axis),
     which a concatenation does not trigger (tests/test_family.py runs odd-sized volumes through a
     traced step)."""
-    for axis, p in enumerate(pads, start=1):
-        if isinstance(p, int) and p == 0:
+    for axis, pair in enumerate(pads, start=1):
+        if all(isinstance(p, int) and p == 0 for p in pair):
             continue
         shape = list(ops.shape(x))
         pieces = []
-        for size in (p // 2, p - p // 2):
+        for size in pair:
             shape[axis] = size
             pieces.append(ops.zeros(shape, dtype=x.dtype))
         x = ops.concatenate([pieces[0], x, pieces[1]], axis=axis)

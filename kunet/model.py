@@ -9,7 +9,7 @@ import keras
 from kunet import _validation, blocks, dispatch, io
 from kunet._args import check_kwargs
 from kunet.callbacks import TerminateOnNonFinite
-from kunet.layers import CropLike, PadToMultiple
+from kunet.layers import CropLike, PadToMultiple, centred_padding
 
 SKIPS = ("plain", "nested")
 # UNet's arguments that make up its configuration (get_config), besides name/trainable
@@ -552,12 +552,9 @@ class UNet(keras.Model):
             return y
         y = keras.ops.convert_to_tensor(y)
         shape = keras.ops.shape(y)
-        m, dims = self.size_multiple, self.spatial_dims
-        pads = [(m - d % m) % m for d in shape[1 : dims + 1]]
-        padding = [[0, 0], *([p // 2, p - p // 2] for p in pads)] + [[0, 0]] * (
-            len(shape) - dims - 1
-        )
-        y = keras.ops.pad(y, padding)
+        dims = self.spatial_dims
+        pads = centred_padding(shape[1 : dims + 1], self.size_multiple)
+        y = keras.ops.pad(y, [[0, 0], *pads] + [[0, 0]] * (len(shape) - dims - 1))
         index = (slice(None),) + (slice(factor // 2, None, factor),) * dims
         return y[index]
 

@@ -5,8 +5,8 @@ Registered (see :mod:`kunet.dispatch`):
 * ``DoubleConv`` "jax": the Keras sublayers, the first convolution of a multi-part input (a decoder's
   ``[skip, up]``) computed part by part (:func:`kunet.conv_bn_math.conv_of_concatenation`) instead
   of on the concatenation: faster forward + backward on XLA:CPU at the UNet's decoder shapes;
-* ``Conv2DTranspose`` / ``Conv3DTranspose`` "jax": a kernel equal to its strides as a matrix product and a depth-to-space
-  reshape (``ops.einsum``): XLA:CPU lowers Keras' transposed convolution to an input-dilated
+* ``Conv2DTranspose`` / ``Conv3DTranspose`` "jax": a kernel equal to its strides as a matrix
+  product and a depth-to-space reshape (``ops.einsum``): XLA:CPU lowers Keras' transposed convolution to an input-dilated
   convolution whose backward pass was an order of magnitude slower;
 * ``MaxPool2x`` "jax": a max over a (2, 2) reshape: XLA:CPU's reduce-window backward
   (select-and-scatter) was 2-7x slower than the reduction's.
@@ -57,21 +57,6 @@ def double_conv(steps, parts, training, sublayers):
 
 
 @dispatch.register(
-    "Conv2DTranspose",
-    "jax",
-    rank=30,
-    backends=("jax",),
-    supports=lambda layer, ctx: layer.block_transpose_reason(),
-    description="a matrix product and a depth-to-space reshape (ops.einsum)",
-)
-def conv_transpose2d(layer, x):
-    """``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])``."""
-    return activated(
-        layer, cbm.block_transpose(x, layer.kernel, layer.bias if layer.use_bias else None)
-    )
-
-
-@dispatch.register(
     "Conv3DTranspose",
     "jax",
     rank=30,
@@ -80,8 +65,20 @@ def conv_transpose2d(layer, x):
     description="a matrix product and a depth-to-space reshape (ops.einsum)",
     spatial_dims=(3,),
 )
-def conv_transpose3d(layer, x):
-    return conv_transpose2d(layer, x)
+@dispatch.register(
+    "Conv2DTranspose",
+    "jax",
+    rank=30,
+    backends=("jax",),
+    supports=lambda layer, ctx: layer.block_transpose_reason(),
+    description="a matrix product and a depth-to-space reshape (ops.einsum)",
+)
+def conv_transpose(layer, x):
+    """``y[n, s*i + a, s*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c] (+ bias[o])`` (and
+    likewise in 3D): :func:`kunet.conv_bn_math.block_transpose`."""
+    return activated(
+        layer, cbm.block_transpose(x, layer.kernel, layer.bias if layer.use_bias else None)
+    )
 
 
 @dispatch.register(
