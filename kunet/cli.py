@@ -6,6 +6,8 @@
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
     kunet demo     [--3d] [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
+    kunet export   --model RUN_DIR/best.keras --format onnx|saved_model --out FILE [--verify]
+    kunet convert  --torch FILE.pth --out model.keras [--layout tutorial|milesial]
 
 3D volumes: folders of NIfTI (.nii, .nii.gz) or .npy volumes are read as volumes by plan and train
 without being told; folders of multi-page TIFF stacks need --3d (a .tif is otherwise a 2D image).
@@ -448,6 +450,69 @@ def _run_evaluate(args):
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser(
+        "export",
+        help="export a .keras model to ONNX or a TensorFlow SavedModel",
+        description="Write the model for a runtime without Keras: an ONNX file (onnxruntime, "
+        "TensorRT, ...) or a TensorFlow SavedModel folder (TF Serving, TFLite converter), with "
+        "dynamic batch and spatial sizes. Needs the export tools: pip install 'kunet[export]'.",
+    )
+    _add_model(p)
+    p.add_argument(
+        "--format", required=True, choices=("onnx", "saved_model"), help="the exported format"
+    )
+    p.add_argument("--out", required=True, help="the file (onnx) or folder (saved_model) to write")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the exported model once (onnxruntime / TensorFlow) on two input sizes and "
+        "compare with the Keras model's predictions",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (default: refuse)"
+    )
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args):
+    from kunet.export import export_file
+
+    export_file(
+        args.model, args.out, format=args.format, verify=args.verify, overwrite=args.overwrite
+    )
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert",
+        help="turn a PyTorch UNet checkpoint into a kunet .keras model",
+        description="Read a PyTorch UNet state dict (the classic tutorial layout: downs/ups/"
+        "bottleneck/final_conv, or milesial/Pytorch-UNet's: inc/down1..4/up1..4/outc), infer its "
+        "filters and classes from the tensors, and write the same network as a kunet model.",
+    )
+    p.add_argument("--torch", required=True, help="a .pth/.pt file holding the state dict")
+    p.add_argument("--out", required=True, help="the .keras file to write")
+    p.add_argument(
+        "--layout",
+        choices=("auto", "tutorial", "milesial"),
+        default="auto",
+        help="the checkpoint's key layout (default: recognised from its keys)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (default: refuse)"
+    )
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args):
+    from kunet.convert import convert_file
+
+    convert_file(args.torch, args.out, layout=args.layout, overwrite=args.overwrite)
+    return 0
+
+
 def main(argv=None) -> int:
     """``kunet ...``: the exit status (0 ok, 1 training diverged or --require-dice missed, 2 bad
     input, 130 Ctrl-C)."""
@@ -470,6 +535,8 @@ def _main(argv):
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_export(sub)
+    _add_convert(sub)
     for command in sub.choices.values():  # read before Keras is imported (kunet._startup)
         command.add_argument(
             "--verbose",

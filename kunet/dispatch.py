@@ -158,6 +158,7 @@ _registry: dict[str, list[Implementation]] = {}
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(kind, ctx): impl}
 _ran: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(kind, mode): name}
 _forced: dict[str, str] = {}
+_plain = 0  # > 0 inside dispatch.plain()
 
 
 def register(layer: str, name: str, *, rank: int, description: str, supports=None, backends=(),
@@ -270,6 +271,8 @@ def resolve(layer, ctx: Context, kind: str | None = None):
     skipped = []
     for impl in impls:
         why = reason(impl, layer, ctx)
+        if _plain and impl.name != REFERENCE:
+            why = why or "kunet.dispatch.plain() (exporting)"
         if forced is not None and impl.name != forced:
             why = why or f"kunet.dispatch.use({kind!r}, {forced!r})"
         if why is None:
@@ -332,6 +335,24 @@ class use:
             _forced.pop(self.layer, None)
         else:
             _forced[self.layer] = self.previous
+        _choices.clear()
+        return False
+
+
+class plain:
+    """``with kunet.dispatch.plain():`` every layer runs its reference (Keras' own layers) and the
+    model's own call and input feeding are Keras': what export traces (``kunet.export``), so that no
+    private framework op, eager replay or Triton kernel ends up in an exported graph. Nests."""
+
+    def __enter__(self):
+        global _plain
+        _plain += 1
+        _choices.clear()
+        return self
+
+    def __exit__(self, *exc):
+        global _plain
+        _plain -= 1
         _choices.clear()
         return False
 

@@ -455,6 +455,10 @@ class PadToMultiple(keras.layers.Layer):
         pads = centred_padding(ops.shape(inputs)[1:-1], self.multiple)
         if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
             return inputs  # known sizes that need no padding: skip the copy
+        if keras.backend.backend() == "jax" and not all(
+            isinstance(d, int) for d in ops.shape(inputs)[1:-1]
+        ):
+            return _pad_by_update(inputs, pads)
         if len(pads) == 3:
             return _pad_by_concatenation(inputs, pads)
         return ops.pad(inputs, [[0, 0], *pads, [0, 0]])
@@ -473,7 +477,9 @@ def centred_padding(sizes, multiple) -> list:
     """``[before, after]`` per axis of ``sizes`` (ints, or tensors for unknown sizes) that pads
     each up to the next multiple of ``multiple``, centred (the extra one after): what
     :class:`PadToMultiple` adds inside the graph, and what deep supervision pads its masks by."""
-    pads = [(multiple - d % multiple) % multiple for d in sizes]
+    # written as "the next multiple minus the size" so that, on a symbolic size (JAX export), the
+    # padded size reads multiple * ceil(d / multiple), which the shape checker can halve depth times
+    pads = [(d + multiple - 1) // multiple * multiple - d for d in sizes]
     return [[p // 2, p - p // 2] for p in pads]
 
 
@@ -495,6 +501,18 @@ def _pad_by_concatenation(x, pads):
             pieces.append(ops.zeros(shape, dtype=x.dtype))
         x = ops.concatenate([pieces[0], x, pieces[1]], axis=axis)
     return x
+
+
+def _pad_by_update(x, pads):
+    """``x`` written into zeros of the padded shape at offset ``before``: padding by sizes that are
+    symbolic (JAX export with dynamic H, W), which ``jnp.pad`` and ONNX's Pad need as constants."""
+    shape = ops.shape(x)
+    padded = [
+        shape[0],
+        *(d + before + after for d, (before, after) in zip(shape[1:-1], pads, strict=True)),
+    ]
+    zeros = ops.zeros((*padded, shape[-1]), dtype=x.dtype)
+    return ops.slice_update(zeros, [0, *(before for before, _ in pads), 0], x)
 
 
 @keras.saving.register_keras_serializable(_PACKAGE)
