@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import keras
@@ -219,6 +220,36 @@ def _build(c):
     return inputs, [main, *aux], [(2**i, 0.5**i) for i in range(1, len(stages))]
 
 
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _dtype_policy(value):
+    """The policy name of ``UNet(dtype_policy=...)`` (None: the global policy's), checked."""
+    if value is None:
+        return keras.config.dtype_policy().name
+    name = getattr(value, "name", value)
+    if name in ("bfloat16", "float16"):
+        raise ValueError(
+            f"dtype_policy={name!r} would keep the variables (and BatchNormalization statistics) in "
+            f"16 bits; use 'mixed_{name}' (16-bit compute, float32 variables)"
+        )
+    if name not in POLICIES:
+        raise ValueError(
+            f"dtype_policy must be one of {', '.join(POLICIES)} or None; got {value!r}"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def _global_policy(name):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @keras.saving.register_keras_serializable("kunet")
 class UNet(keras.Model):
     """The UNet of Ronneberger et al. (2015) with batch normalization, and its family, for 2D images
@@ -280,6 +311,12 @@ class UNet(keras.Model):
         freeze_encoder: keep the encoder's weights (and its BatchNormalization statistics) fixed.
         decoder_filters: with an encoder, the filters of the five decoder stages (output strides 16
             to 1); default (256, 128, 64, 32, 16).
+        dtype_policy: ``"mixed_bfloat16"`` or ``"mixed_float16"`` (mixed precision: layers compute
+            in 16 bits, variables stay float32), ``"float32"``, or None (default: Keras' global
+            policy, ``keras.config.set_dtype_policy``). The head computes in float32, so logits,
+            losses and metrics are float32; under ``"mixed_float16"`` ``compile`` wraps the
+            optimizer in Keras' ``LossScaleOptimizer``. Saved in the config: the model loads with
+            the policy it was built with, whatever the global policy where it is loaded.
         name: model name.
 
     Example:
@@ -309,6 +346,7 @@ class UNet(keras.Model):
         encoder_weights="imagenet",
         freeze_encoder=False,
         decoder_filters=None,
+        dtype_policy=None,
         name="unet",
         **kwargs,
     ):
@@ -318,8 +356,10 @@ class UNet(keras.Model):
             {k: v for k, v in locals().items() if k in _CONFIG_KEYS} | {"fused": None}
         )
         c["fused"] = dispatch.validate_policy(fused, name="UNet(fused=...)")
-        inputs, outputs, supervision = _build(c)
-        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+        policy = _dtype_policy(dtype_policy)
+        with _global_policy(policy):  # every layer of the graph computes in the policy
+            inputs, outputs, supervision = _build(c)
+            super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         self.num_classes = num_classes
         self.filters = c["filters"]
@@ -370,6 +410,28 @@ class UNet(keras.Model):
         output = self.outputs[0] if depth == depth_max else self.outputs[depth]
         return keras.Model(self.inputs, output, name=f"{self.name}_pruned{depth}")
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               overwrite=False, verify=False, **kwargs):  # fmt: skip
+        """Keras' ``export``, made to work for every kunet model on every backend
+        (:mod:`kunet.export`): ``format="onnx"`` or ``"tf_saved_model"`` with dynamic batch and
+        spatial sizes, the plain graph traced, a just-loaded model accepted, the file written whole
+        or not at all (an existing one replaced only with ``overwrite=True``), and with
+        ``verify=True`` checked against :meth:`predict` at two input sizes. Other formats, or an
+        ``input_signature`` / exporter keywords, go to Keras' own ``export`` (on the plain path)."""
+        from kunet import export as kexport
+
+        if (
+            format in ("onnx", "tf_saved_model", "saved_model")
+            and input_signature is None
+            and (not kwargs)
+        ):
+            return kexport.export(self, filepath, format, overwrite=overwrite, verify=verify,
+                                  verbose=verbose is not False)  # fmt: skip
+        with dispatch.plain():
+            kexport._called(self)
+            return super().export(filepath, format=format, verbose=verbose,
+                                  input_signature=input_signature, **kwargs)  # fmt: skip
+
     # ------------------------------------------------------------------ configuration
     dispatch_type = "UNet"
     dispatch_types = ("UNet", "UNet inputs")
@@ -411,7 +473,8 @@ class UNet(keras.Model):
         return dispatch.implementation(self)
 
     def get_config(self):
-        config = {"name": self.name, "trainable": self.trainable}
+        config = {"name": self.name, "trainable": self.trainable,
+                  "dtype_policy": self.dtype_policy.name}  # fmt: skip
         for key in _CONFIG_KEYS:
             value = getattr(self, "unet_input_shape" if key == "input_shape" else key)
             config[key] = list(value) if isinstance(value, tuple) else value
