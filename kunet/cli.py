@@ -7,7 +7,7 @@
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
     kunet demo     [--3d] [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
     kunet export   --model RUN_DIR/best.keras --format onnx|saved_model --out FILE [--verify]
-    kunet convert  --torch FILE.pth --out model.keras [--layout tutorial|milesial]
+    kunet convert  --torch FILE.pth --out model.keras [--layout auto|tutorial|milesial] [--overwrite]
 
 3D volumes: folders of NIfTI (.nii, .nii.gz) or .npy volumes are read as volumes by plan and train
 without being told; folders of multi-page TIFF stacks need --3d (a .tif is otherwise a 2D image).
