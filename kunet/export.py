@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import keras
@@ -247,7 +248,13 @@ def _export_here(model, tmp, fmt):
         plain = _float32(model)
         _called(plain)
         try:
-            keras.Model.export(plain, str(tmp), format=fmt, verbose=False)
+            with warnings.catch_warnings():
+                # torch.onnx's tracer warns about every Python int it records (kernel sizes, the
+                # crop of a transposed convolution); verify=True checks the result at two sizes
+                warnings.filterwarnings(
+                    "ignore", message=".*(might cause the trace|registered as constants)"
+                )
+                keras.Model.export(plain, str(tmp), format=fmt, verbose=False)
         except Exception as e:  # noqa: BLE001 - the exporter's own failure, said in one line
             message = " ".join(str(e).split())[:400]
             raise ExportError(

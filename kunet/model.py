@@ -548,13 +548,19 @@ class UNet(keras.Model):
             config["optimizer"] = _portable_optimizer_config(config["optimizer"])
         if config and "jit_compile" in config:
             config["jit_compile"] = getattr(self, "_requested_jit_compile", "auto")
+        if config:  # whether the file holds the optimizer's state (it does once it has trained)
+            config["optimizer_built"] = bool(getattr(self.optimizer, "built", False))
         return config
 
     def compile_from_config(self, config):
-        """Re-compile from a saved compile config (what ``keras.models.load_model`` calls)."""
+        """Re-compile from a saved compile config (what ``keras.models.load_model`` calls). The
+        optimizer is built (so its saved state loads) only where it had been built when saved: a
+        model saved before training has no optimizer state to load."""
+        config = dict(config)
+        built = config.pop("optimizer_built", True)  # files from before the flag: as then
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
-        if self.built:
+        if self.built and built:
             self.optimizer.build(self.trainable_variables)  # so saved optimizer state loads
 
     # ------------------------------------------------------------------ input checks

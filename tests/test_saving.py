@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -39,6 +40,18 @@ def test_keras_round_trip_identical(tmp_path, make_unet, multiclass_data):
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     assert loaded.fit(*multiclass_data, epochs=1, verbose=0).history["dice"]
+
+
+def test_untrained_model_loads_without_optimizer_warning(tmp_path, make_unet, binary_data):
+    """A model saved before training has no optimizer state: loading it builds no optimizer (Keras
+    would warn that the saved optimizer's 2 variables do not match a built one's), and it trains."""
+    make_unet().save(tmp_path / "new.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = keras.models.load_model(tmp_path / "new.keras")
+    assert not loaded.optimizer.built
+    loaded.fit(*binary_data, epochs=1, batch_size=4, verbose=0)
+    assert int(loaded.optimizer.iterations) == 2
 
 
 def test_weights_round_trip(tmp_path, make_unet, binary_data):
