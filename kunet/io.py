@@ -15,10 +15,13 @@ Conventions:
   ('zero': set to 0, 'ignore': passed on). A NaN in a mask is always an error.
 * What had to be guessed (alpha dropped, a channel conversion, a 0/255 or JPEG mask read as binary)
   is noted in a :class:`Guesses` when one is given; ``Guesses(strict=True)`` refuses instead.
+* :func:`image_header` and :func:`mask_header` give a file's size (and channels) from its header,
+  decoding no pixel: what a streamed folder (:mod:`kunet.data`) checks before it reads the pixels.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -95,6 +98,76 @@ def _read_array(path):
             return np.asarray(im.convert("RGB")), f"{mode}->RGB"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({_one_line(e)})") from None
+
+
+# PIL modes whose pixels read_image keeps as one channel (after dropping alpha); every other mode
+# gives RGB (a palette or CMYK image is converted, an alpha channel dropped)
+_GRAY_MODES = ("1", "L", "LA", "I", "F")
+
+
+def _layout(path, shape, mode):
+    """(height, width, channels) of an array of ``shape`` as :func:`read_image` shapes it."""
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or shape[-1] not in (1, 2, 3, 4):
+        stack = " (a 3D stack? read folders of them as volumes: --3d, volumes=True)"
+        raise DataError(
+            f"{path}: expected a 2D grayscale or RGB image; got an array of shape {tuple(shape)}"
+            + (stack if mode == "tiff" and len(shape) >= 3 else "")
+        )
+    return int(shape[0]), int(shape[1]), {1: 1, 2: 1, 3: 3, 4: 3}[int(shape[-1])]
+
+
+def _stored_shape(path):
+    """The shape of the pixels :func:`_read_array` would return for ``path`` (a TIFF's planar
+    RGB moved last; a PIL image's channels from its mode), and the mode, from the header only."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+        except ImportError:
+            tifffile = None
+        if tifffile is not None:
+            try:
+                with tifffile.TiffFile(str(path)) as tif:
+                    shape = tuple(int(n) for n in tif.series[0].shape)
+            except Exception as e:  # noqa: BLE001 - any decoder failure is an unreadable file
+                raise DataError(f"{path}: cannot read TIFF ({_one_line(e)})") from None
+            if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
+                shape = (*shape[1:], shape[0])  # planar RGB -> channels last
+            return shape, "tiff"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            mode = im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({_one_line(e)})") from None
+    gray = mode in _GRAY_MODES or mode.startswith("I;16")
+    return (height, width, 1 if gray else 3), mode
+
+
+def image_header(path):
+    """``(height, width, channels)`` of the image file at ``path`` as :func:`read_image` will give
+    them, from the file's header: no pixel is decoded. DataError naming the file when the header
+    cannot be read or holds no 2D image (pixels damaged past the header fail when they are read)."""
+    shape, mode = _stored_shape(path)
+    height, width, channels = _layout(path, shape, mode)
+    if height < 1 or width < 1:
+        raise DataError(f"{path}: empty image")
+    return height, width, channels
+
+
+def mask_header(path):
+    """``(height, width)`` of the mask file at ``path``, from its header (see :func:`image_header`;
+    its values are checked when it is read, by :func:`read_mask`)."""
+    shape, _ = _stored_shape(path)
+    if len(shape) not in (2, 3):
+        raise DataError(f"{path}: expected a 2D mask; got an array of shape {shape}")
+    return int(shape[0]), int(shape[1])
 
 
 NAN_POLICIES = ("error", "zero", "ignore")
@@ -205,11 +278,7 @@ def read_image(path, nan_policy="error", guesses=None):
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-        stack = " (a 3D stack? read folders of them as volumes: --3d, volumes=True)"
-        raise DataError(
-            f"{path}: expected a 2D grayscale or RGB image; got an array of shape {array.shape}"
-            + (stack if mode == "tiff" and array.ndim >= 3 else "")
-        )
+        _layout(path, array.shape, mode)  # raises, naming the file and the shape
     if array.shape[-1] in (2, 4):  # gray + alpha, RGBA
         kind = "gray+alpha -> gray" if array.shape[-1] == 2 else "RGBA -> RGB"
         _note(guesses, path, f"alpha channel dropped ({kind})")
@@ -307,8 +376,11 @@ def normalize(image, nan_policy="error", method="percentile", value_range=None):
             hi2 = float(finite.max())
             lo = float(finite.min())
             hi = hi2 if hi2 > lo else lo + 1.0
+    out = np.empty(image.shape, dtype="float32")
+    rows = max(1, (1 << 20) // max(1, math.prod(image.shape[1:])))  # ~1M values at a time
     with np.errstate(invalid="ignore"):
-        out = ((image - lo) / (hi - lo)).astype("float32")
+        for i in range(0, max(1, image.shape[0]), rows):  # (float64 when lo, hi are: in chunks)
+            out[i : i + rows] = (image[i : i + rows] - lo) / (hi - lo)
     if bad and nan_policy == "zero":
         out[~np.isfinite(out)] = 0.0
     return out
@@ -407,28 +479,32 @@ def write_mask(path, mask, num_classes):
 def display_rgb(image):
     """An image (H, W, C) as uint8 RGB for display, stretched to its 1-99 percentiles."""
     x = normalize(image)
-    x = np.clip(x, 0.0, 1.0)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return (x * 255.0 + 0.5).astype("uint8")
+    np.clip(x, 0.0, 1.0, out=x)
+    x *= 255.0
+    x += 0.5
+    x = x.astype("uint8")
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 def overlay(image, mask, num_classes, alpha=0.45):
-    """RGB uint8 picture: ``image`` with each foreground class tinted and outlined in its colour."""
-    rgb = display_rgb(image).astype("float32")
+    """RGB uint8 picture: ``image`` with each foreground class tinted and outlined in its colour.
+
+    Only the foreground pixels are blended (in float32), so a large image costs little more than
+    its uint8 picture."""
+    rgb = display_rgb(image)
     mask = np.asarray(mask)
     colors = class_colors(max(num_classes, 2)).astype("float32")
     fg = mask > 0
-    tint = colors[np.clip(mask, 0, len(colors) - 1)]
-    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * tint[fg]
+    tint = colors[np.clip(mask[fg], 0, len(colors) - 1)]
+    rgb[fg] = ((1 - alpha) * rgb[fg].astype("float32") + alpha * tint).astype("uint8")
     edge = np.zeros(mask.shape, dtype=bool)
     edge[:-1, :] |= mask[:-1, :] != mask[1:, :]
     edge[1:, :] |= mask[1:, :] != mask[:-1, :]
     edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
     edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
     edge &= fg
-    rgb[edge] = tint[edge]
-    return rgb.astype("uint8")
+    rgb[edge] = colors[np.clip(mask[edge], 0, len(colors) - 1)].astype("uint8")
+    return rgb
 
 
 def write_rgb(path, rgb):

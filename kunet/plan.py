@@ -61,6 +61,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -164,76 +165,171 @@ def _components(mask):
     return np.bincount(labels.ravel())[1:] if count else np.zeros(0, int)
 
 
-def fingerprint(data):
-    """What the plan is derived from, for a :class:`kunet.data.FolderData`: sizes, channels,
-    intensities (as stored), class frequencies and object sizes."""
-    samples = data.samples
-    dims = samples[0].mask.ndim  # 2: images, 3: volumes (D, H, W)
-    heights = np.array([s.mask.shape[-2] for s in samples])
-    widths = np.array([s.mask.shape[-1] for s in samples])
-    sizes = np.array([s.mask.size for s in samples])
-    counts = np.zeros(data.num_classes)
-    areas = {c: [] for c in range(1, data.num_classes)}
-    for s in samples:
-        counts += np.bincount(s.mask.ravel(), minlength=data.num_classes)[: data.num_classes]
-        for c in areas:
-            areas[c].extend(_components(s.mask == c).tolist())
-    per_image, pooled = [], []
-    rng = np.random.default_rng(0)
-    for s in samples:
-        finite = s.image[np.isfinite(s.image)]
+# Intensities drawn from each image for the dataset's 1st/99th percentiles, and the most kept in
+# all: beyond it the pool is a uniform random sample of every value drawn (a reservoir), so memory
+# stays bounded however many images there are. Up to POOLED_MAX values (10 images of 100k pixels
+# or more, more smaller ones) the pool is every value drawn, as kunet's plans always computed it.
+POOLED_PER_IMAGE = 100_000
+POOLED_MAX = 1_000_000
+# Above this many objects (or images), medians and percentiles of object areas (image sides) are
+# interpolated from the counts directly instead of numpy's percentile over the expanded values.
+_EXPAND_MAX = 1 << 22
+
+
+class DatasetStatistics:
+    """What :func:`fingerprint` reports, gathered one image at a time in bounded memory.
+
+    ``add(image, mask, raw)`` takes one pair (the image as it will be trained on, before
+    normalization for a plan: its channels converted; the mask's class indices; the stored pixel
+    type), in the folder's order; ``result(num_classes, channels)`` gives the fingerprint. Image
+    sides and object areas are kept as histograms (exact medians and percentiles), class pixel
+    counts as sums, each image's 1st/99th percentiles as running minima and maxima, and the pooled
+    intensities as described at :data:`POOLED_MAX`. :func:`kunet.data.load_folder` fills one while
+    it checks a folder it streams (``fingerprint=True``), so planning reads each file once.
+    """
+
+    def __init__(self, normalized=None):
+        self.normalized = normalized  # the normalization of the images added (None: as stored)
+        self.images = 0
+        self.dims = None
+        self.sides = [Counter(), Counter(), Counter()]  # depths, heights, widths
+        self.pixels = 0
+        self.counts = np.zeros(0, np.int64)
+        self.areas = {}  # class -> Counter({area: objects})
+        self.dtypes = set()
+        self.p1 = [math.inf, -math.inf]  # min and max over images of their 1st percentile
+        self.p99 = [math.inf, -math.inf]
+        self.finite_images = 0
+        self._rng = np.random.default_rng(0)  # the draws of each image's pooled values
+        self._keys = np.random.default_rng(1)  # which values the pool keeps once it is full
+        self.pool = np.zeros(0, np.float32)
+        self.pooled = 0  # values drawn in all
+
+    def add(self, image, mask, raw=None):
+        dims = mask.ndim
+        self.dims = self.dims or dims
+        self.images += 1
+        if dims == 3:
+            self.sides[0][int(mask.shape[0])] += 1
+        self.sides[1][int(mask.shape[-2])] += 1
+        self.sides[2][int(mask.shape[-1])] += 1
+        self.pixels += int(mask.size)
+        counts = np.bincount(mask.ravel())
+        if counts.size > self.counts.size:
+            self.counts = np.pad(self.counts, (0, counts.size - self.counts.size))
+        self.counts[: counts.size] += counts
+        for c in np.flatnonzero(counts[1:]) + 1:
+            areas, n = np.unique(_components(mask == c), return_counts=True)
+            found = dict(zip(areas.tolist(), n.tolist(), strict=True))
+            self.areas.setdefault(int(c), Counter()).update(found)
+        if raw:
+            self.dtypes.add(raw)
+        finite = image[np.isfinite(image)]
         if finite.size:
-            per_image.append(np.percentile(finite, (1.0, 99.0)))
-            pooled.append(rng.choice(finite, min(finite.size, 100_000), replace=False))
-    per_image = np.asarray(per_image) if per_image else np.zeros((0, 2))
-    pooled = np.concatenate(pooled) if pooled else np.zeros(1)
-    objects = {}
-    for c, a in areas.items():
-        a = np.asarray(a, float)
-        objects[str(c)] = {
-            "count": int(a.size),
-            "median_area": float(np.median(a)) if a.size else 0.0,
-            "p5_area": float(np.percentile(a, 5)) if a.size else 0.0,
-            "min_area": float(a.min()) if a.size else 0.0,
-        }
-    extra = {}
-    if dims == 3:
-        depths = np.array([s.mask.shape[0] for s in samples])
-        extra = {
-            "spatial_dims": 3,
-            "depth": {
-                "min": int(depths.min()),
-                "median": float(np.median(depths)),
-                "max": int(depths.max()),
+            lo, hi = np.percentile(finite, (1.0, 99.0))
+            self.p1 = [min(self.p1[0], float(lo)), max(self.p1[1], float(lo))]
+            self.p99 = [min(self.p99[0], float(hi)), max(self.p99[1], float(hi))]
+            self.finite_images += 1
+            self._pool(self._rng.choice(finite, min(finite.size, POOLED_PER_IMAGE), replace=False))
+
+    def _pool(self, values):
+        """Add the values drawn from one image (a uniform sample of it, in random order) to the
+        pool, which stays a uniform sample of at most POOLED_MAX of every value drawn: the number
+        it takes from ``values`` is hypergeometric, those replace uniformly chosen old ones."""
+        total = self.pooled + values.size
+        values = values.astype(np.float32, copy=False)
+        if total <= POOLED_MAX:
+            self.pool = np.concatenate([self.pool, values])
+        else:
+            rng = self._keys
+            if total < 10**9:
+                new = int(rng.hypergeometric(values.size, self.pooled, POOLED_MAX))
+            else:  # beyond numpy's hypergeometric: its binomial limit
+                new = int(rng.binomial(POOLED_MAX, values.size / total))
+            if self.pool.size < POOLED_MAX:  # the first overflow: the pool holds every old value
+                old = rng.choice(self.pool.size, POOLED_MAX - new, replace=False)
+                self.pool = np.concatenate([self.pool[old], values[:new]])
+            elif new:
+                self.pool[rng.choice(POOLED_MAX, new, replace=False)] = values[:new]
+        self.pooled = total
+
+    def result(self, num_classes, channels):
+        """The fingerprint (see :func:`fingerprint`) of the pairs added."""
+        if not self.images:
+            raise DataError("no images to plan from")
+        counts = np.zeros(num_classes, np.int64)
+        counts[: min(num_classes, self.counts.size)] = self.counts[:num_classes]
+        objects = {}
+        for c in range(1, num_classes):
+            areas = self.areas.get(c, Counter())
+            n = sum(areas.values())
+            objects[str(c)] = {
+                "count": int(n),
+                "median_area": _percentile(areas, 50.0) if n else 0.0,
+                "p5_area": _percentile(areas, 5.0) if n else 0.0,
+                "min_area": float(min(areas)) if n else 0.0,
+            }
+
+        def side(counter):
+            return {
+                "min": int(min(counter)),
+                "median": _percentile(counter, 50.0),
+                "max": int(max(counter)),
+            }
+
+        pooled = self.pool if self.pool.size else np.zeros(1)
+        p1 = self.p1 if self.finite_images else [math.nan, math.nan]
+        p99 = self.p99 if self.finite_images else [math.nan, math.nan]
+        extra = {"spatial_dims": 3, "depth": side(self.sides[0])} if self.dims == 3 else {}
+        return {
+            "images": self.images,
+            **extra,
+            "channels": channels,
+            "num_classes": num_classes,
+            "height": side(self.sides[1]),
+            "width": side(self.sides[2]),
+            "pixels": self.pixels,
+            "class_fractions": [round(float(c), 5) for c in counts / max(counts.sum(), 1)],
+            "objects": objects,
+            "intensity": {
+                "as_stored": self.normalized is None,
+                "dtypes": sorted(self.dtypes),
+                "p1": float(np.percentile(pooled, 1.0)),
+                "p99": float(np.percentile(pooled, 99.0)),
+                "per_image_p1": p1,
+                "per_image_p99": p99,
             },
         }
-    return {
-        "images": len(samples),
-        **extra,
-        "channels": data.channels,
-        "num_classes": data.num_classes,
-        "height": {
-            "min": int(heights.min()),
-            "median": float(np.median(heights)),
-            "max": int(heights.max()),
-        },  # fmt: skip
-        "width": {
-            "min": int(widths.min()),
-            "median": float(np.median(widths)),
-            "max": int(widths.max()),
-        },  # fmt: skip
-        "pixels": int(sizes.sum()),
-        "class_fractions": [round(float(c), 5) for c in counts / max(counts.sum(), 1)],
-        "objects": objects,
-        "intensity": {
-            "as_stored": data.normalized is None,
-            "dtypes": sorted({s.raw for s in samples if s.raw}),
-            "p1": float(np.percentile(pooled, 1.0)),
-            "p99": float(np.percentile(pooled, 99.0)),
-            "per_image_p1": [float(per_image[:, 0].min()), float(per_image[:, 0].max())],
-            "per_image_p99": [float(per_image[:, 1].min()), float(per_image[:, 1].max())],
-        },
-    }
+
+
+def _percentile(counter, q):
+    """numpy's (linear) percentile ``q`` of the values a Counter holds with their multiplicities."""
+    values = np.asarray(sorted(counter), dtype=float)
+    n = np.asarray([counter[v] for v in sorted(counter)], dtype=np.int64)
+    if n.sum() <= _EXPAND_MAX:
+        expanded = np.repeat(values, n)
+        return float(np.median(expanded) if q == 50.0 else np.percentile(expanded, q))
+    ends = np.cumsum(n)  # values[i] fills sorted positions [ends[i] - n[i], ends[i])
+    at = (int(ends[-1]) - 1) * q / 100.0
+    lo, hi = math.floor(at), min(math.floor(at) + 1, int(ends[-1]) - 1)
+    a, b = (float(values[np.searchsorted(ends, k, side="right")]) for k in (lo, hi))
+    return a + (b - a) * (at - lo)
+
+
+def fingerprint(data):
+    """What the plan is derived from, for a :class:`kunet.data.FolderData`: sizes, channels,
+    intensities (as stored, unless the data was normalized), class frequencies and object sizes.
+
+    Computed by :class:`DatasetStatistics`, one image at a time; a folder that was streamed with
+    ``fingerprint=True`` already holds them (``data.statistics``), otherwise each sample is read
+    once (decoded one at a time when streamed)."""
+    stats = getattr(data, "statistics", None)
+    if stats is None or stats.normalized != data.normalized:
+        stats = DatasetStatistics(data.normalized)
+        for s in data.samples:
+            image, mask = s.load()
+            stats.add(image, mask, s.raw)
+    return stats.result(data.num_classes, data.channels)
 
 
 # ---------------------------------------------------------------------------------- plan

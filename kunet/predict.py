@@ -289,13 +289,15 @@ def _publish(source, target):
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate(model_path, images, masks, *, tile_size=None, tta=None, nan_policy="error",
-             strict=False):  # fmt: skip
+             strict=False, stream="auto"):  # fmt: skip
     """Dice and IoU per class over every pixel of the folder, and their foreground means.
 
     Returns ``{"dice": {class: score}, "iou": {...}, "mean_dice": .., "mean_iou": .., "images": n,
     "num_classes": K, "per_image_dice": {name: foreground Dice}}``; means are over classes
     1..K-1. A class absent from both truth and prediction scores 1.0 (as in :mod:`kunet.metrics`).
-    ``nan_policy``, ``strict`` and inference as in :func:`predict`.
+    ``nan_policy``, ``strict`` and inference as in :func:`predict`. ``stream``: as in
+    :func:`kunet.data.load_folder` ("auto": a folder larger than memory is streamed, one image in
+    memory at a time; the scores are the same).
     """
     model = load_model(model_path)
     plan = plan_next_to(model_path)
@@ -308,15 +310,16 @@ def evaluate(model_path, images, masks, *, tile_size=None, tta=None, nan_policy=
         raise DataError(f"{images} holds 3D volumes (NIfTI/.npy) but {model_path} is a 2D model")
     data = load_folder(
         images, masks, num_classes=num_classes, channels=channels, nan_policy=nan_policy,
-        guesses=guesses, normalization=None, volumes=volumes,
+        guesses=guesses, normalization=None, volumes=volumes, stream=stream,
     ).normalize(*normalization_of(plan), nan_policy)  # fmt: skip
     for line in guesses.lines():
         print_note(line)
     totals = np.zeros((3, num_classes))  # tp, fp, fn per class
     per_image = {}
     for s in data.samples:
-        pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes).ravel()
-        counts = confusion_counts(pred, s.mask.ravel(), num_classes)
+        image, mask = s.load()  # a streamed folder: one image decoded at a time
+        pred = predict_labels(model, image, tile, tta, min_sizes=sizes).ravel()
+        counts = confusion_counts(pred, mask.ravel(), num_classes)
         totals += counts
         per_image[s.name] = round(float(dice_iou(*counts)[0][1:].mean()), 6)
     dice, iou = dice_iou(*totals)

@@ -13,6 +13,8 @@ Conventions (the 3D counterparts of :mod:`kunet.io`'s):
 * :class:`VolumeMeta` keeps what a written mask needs to match its source: the format, and for
   NIfTI the affine and header (voxel spacing, orientation).
 * NaN/inf voxels follow ``nan_policy`` as in :mod:`kunet.io`; a NaN in a mask is always an error.
+* :func:`volume_header` gives a volume's shape and channels from its header, reading no voxel (what
+  a streamed folder of volumes checks first).
 * :func:`write_mask` writes atomically (a temporary file in the target folder, then a rename) and
   never replaces an existing file unless ``overwrite=True``.
 
@@ -49,6 +51,7 @@ __all__ = [
     "holds_volumes",
     "list_volumes",
     "read_volume",
+    "volume_header",
     "read_volume_mask",
     "load_volume",
     "write_mask",
@@ -195,30 +198,44 @@ def _read_npy(path):
     return array, VolumeMeta(Path(path), "npy", array.shape[:3], str(array.dtype))
 
 
+def _tiff_layout(path, shape, axes):
+    """How :func:`_read_tiff` lays out a series of ``shape`` and ``axes``: (the length-1 axes kept,
+    the channel axis or None, the (D, H, W, C) shape); DataError naming the file when it is not a
+    stack of 2D pages."""
+    axes = axes.upper()
+    # Squeeze length-1 axes other than Y and X; then the stack axis is whatever is left of them.
+    keep = [i for i, a in enumerate(axes) if shape[i] > 1 or a in "YX"]
+    kept = [shape[i] for i in keep]
+    left = "".join(axes[i] for i in keep)
+    channel_axes = [i for i, a in enumerate(left) if a in "CS"]
+    channel = channel_axes[0] if len(channel_axes) == 1 else None
+    if channel is not None:
+        out = [n for i, n in enumerate(kept) if i != channel] + [kept[channel]]
+        left = left[:channel] + left[channel + 1 :]
+    elif not channel_axes:
+        out = [*kept, 1]
+    else:
+        out = kept
+    if len(out) != 4 or len(left) != 3 or left[1:] != "YX":
+        raise DataError(
+            f"{path}: expected a stack of 2D pages (a 3D TIFF, axes ZYX or ZYXC); got shape "
+            f"{tuple(shape)} (axes {axes})"
+        )
+    return keep, channel, tuple(int(n) for n in out)
+
+
 def _read_tiff(path):
     tifffile = _tifffile(path)
     try:
         with tifffile.TiffFile(str(path)) as tif:
             series = tif.series[0]
-            axes = series.axes.upper()
+            axes = series.axes
             array = np.asarray(series.asarray())
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: cannot read TIFF ({_one_line(e)})") from None
-    # Squeeze length-1 axes other than Y and X; then the stack axis is whatever is left of them.
-    keep = [i for i, a in enumerate(axes) if array.shape[i] > 1 or a in "YX"]
+    keep, channel, shape = _tiff_layout(path, array.shape, axes)
     array = array.reshape([array.shape[i] for i in keep])
-    axes = "".join(axes[i] for i in keep)
-    channel_axes = [i for i, a in enumerate(axes) if a in "CS"]
-    if len(channel_axes) == 1:
-        array = np.moveaxis(array, channel_axes[0], -1)
-        axes = axes[: channel_axes[0]] + axes[channel_axes[0] + 1 :]
-    elif not channel_axes:
-        array = array[..., None]
-    if array.ndim != 4 or len(axes) != 3 or axes[1:] != "YX":
-        raise DataError(
-            f"{path}: expected a stack of 2D pages (a 3D TIFF, axes ZYX or ZYXC); got shape "
-            f"{tuple(series.shape)} (axes {series.axes})"
-        )
+    array = np.moveaxis(array, channel, -1) if channel is not None else array.reshape(shape)
     return array, VolumeMeta(Path(path), "tiff", array.shape[:3], str(array.dtype))
 
 
@@ -234,6 +251,68 @@ def _read_any(path):
     if suffix in (".tif", ".tiff"):
         return _read_tiff(path)
     raise DataError(f"{path}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
+
+
+def volume_header(path, mask=False):
+    """``((D, H, W), channels, meta)`` of the volume file at ``path`` as :func:`read_volume` (or,
+    with ``mask``, :func:`read_volume_mask`: channels 1) will give them, from the file's header: no
+    voxel is read. DataError naming the file when the header cannot be read or holds no volume."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = volume_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        nib = _nibabel(path)
+        try:
+            img = nib.load(str(path))  # the header; voxels are read on demand
+            shape, stored = tuple(int(n) for n in img.shape), str(img.get_data_dtype())
+            affine = img.affine.copy()
+        except Exception as e:  # noqa: BLE001 - any decoder failure is an unreadable file
+            raise DataError(f"{path}: cannot read NIfTI ({_one_line(e)})") from None
+        if len(shape) == 5 and shape[3] == 1:
+            shape = shape[:3] + shape[4:]
+        if len(shape) not in (3, 4):
+            raise DataError(
+                f"{path}: expected a 3D NIfTI volume (x, y, z) or (x, y, z, channels); got shape "
+                f"{shape}"
+            )
+        shape = (*shape[2::-1], *shape[3:])
+        meta = VolumeMeta(path, "nifti", shape[:3], stored, affine, img.header)
+    elif suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            shape, dtype = tuple(int(n) for n in array.shape), array.dtype
+            del array
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read .npy ({_one_line(e)})") from None
+        if dtype.kind not in "biuf":
+            raise DataError(f"{path}: expected a numeric array; got dtype {dtype}")
+        if len(shape) not in (3, 4):
+            raise DataError(
+                f"{path}: expected a volume of shape (D, H, W) or (D, H, W, C); got shape {shape}"
+            )
+        meta = VolumeMeta(path, "npy", shape[:3], str(dtype))
+    elif suffix in (".tif", ".tiff"):
+        tifffile = _tifffile(path)
+        try:
+            with tifffile.TiffFile(str(path)) as tif:
+                series = tif.series[0]
+                stored, axes = tuple(int(n) for n in series.shape), series.axes
+                dtype = str(series.dtype)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read TIFF ({_one_line(e)})") from None
+        shape = _tiff_layout(path, stored, axes)[2]
+        meta = VolumeMeta(path, "tiff", shape[:3], dtype)
+    else:
+        raise DataError(f"{path}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    if mask:
+        if shape[-1] != 1:
+            raise DataError(f"{path}: expected a 3D mask (D, H, W); got an array of shape {shape}")
+    elif min(shape) < 1:
+        raise DataError(f"{path}: empty volume (shape {shape})")
+    return shape[:3], shape[3], meta
 
 
 def read_volume(path, nan_policy="error"):
