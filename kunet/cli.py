@@ -2,7 +2,9 @@
 
     kunet plan     --images DIR --masks DIR [--time-budget SECONDS] [--out plan.json] [--3d]
     kunet train    --images DIR --masks DIR --out RUN_DIR [--time-budget SECONDS] [--plan FILE]
-                   [--model PRESET] [--3d] ...
+                   [--precision fp32|bf16|fp16] [--stream|--no-stream]
+                   [--model PRESET] [--3d] [--devices N]
+                   [--coordinator HOST:PORT --num-processes N --process-id I] ...
     kunet predict  --model RUN_DIR/best.keras --images DIR|FILE --out DIR [--tile-size T] [--tta]
     kunet evaluate --model RUN_DIR/best.keras --images DIR --masks DIR [--json]
     kunet demo     [--3d] [--out DIR] [--epochs N] [--time-budget SECONDS] [--require-dice DICE] ...
@@ -96,6 +98,17 @@ def _add_safety(p, writes=True):
 
 def _add_masks(p):
     p.add_argument("--masks", required=True, help="folder of class-index masks, same file stems")
+
+
+def _add_stream(p):
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the images from disk as they are needed (--stream) or hold them in memory "
+        "(--no-stream); default: stream when their decoded size exceeds a quarter of the "
+        "available memory (KUNET_MEMORY_BUDGET=bytes sets the budget)",
+    )
 
 
 def _add_model(p):
@@ -248,6 +261,7 @@ def _add_plan(sub):
     _add_data(p)
     _add_plan_overrides(p)
     p.add_argument("--out", default=None, help="plan file to write (default: print it only)")
+    _add_stream(p)
     _add_safety(p)
     p.set_defaults(func=_run_plan)
 
@@ -274,6 +288,7 @@ def _run_plan(args):
     data = load_folder(
         args.images, args.masks, num_classes=args.num_classes, nan_policy=args.nan_policy,
         guesses=guesses, normalization=None, volumes=volumes,
+        stream="auto" if args.stream is None else args.stream, fingerprint=True,
     )  # fmt: skip
     plan = kplan.make_plan(
         kplan.fingerprint(data),
@@ -330,9 +345,49 @@ def _add_train(sub):
         "with the plan's filters; a preset's own filters are used unless --filters is given)",
     )
     _add_plan_overrides(p)
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="fp32 (default), or mixed precision: bf16 (mixed_bfloat16) or fp16 (mixed_float16, "
+        "with loss scaling); variables, head, loss and metrics stay float32",
+    )
+    _add_stream(p)
+    p.add_argument(
+        "--workers",
+        type=_number(int, "an integer >= 0", lambda v: v >= 0),
+        default=None,
+        metavar="N",
+        help="threads preparing training batches ahead (default: 2 when streaming, none in memory)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N devices (KERAS_BACKEND=jax or tensorflow; the GPUs, else "
+        "the CPU split into N): the batch size is the global one, split evenly over them",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="JAX, several processes training together: process 0's address (it listens "
+        "there); give --num-processes and --process-id too, in every process",
+    )
+    p.add_argument(
+        "--num-processes", type=_positive_int, default=None, metavar="N", help="processes in all"
+    )
+    p.add_argument(
+        "--process-id",
+        type=_number(int, "an integer >= 0", lambda v: v >= 0),
+        default=None,
+        metavar="I",
+        help="this process's index, 0 .. N-1 (process 0 writes --out)",
+    )
     _add_safety(p)
     p.set_defaults(func=_run_train)
 
@@ -356,6 +411,13 @@ def _run_train(args):
         verbose=0 if args.quiet else 1,
         volumes=args.volumes,
         model=args.model,
+        precision=args.precision,
+        stream="auto" if args.stream is None else args.stream,
+        workers=args.workers,
+        devices=args.devices,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
     )
     return 0
 
@@ -423,6 +485,7 @@ def _add_evaluate(sub):
     p.add_argument("--images", required=True, help="folder of images (of volumes, for a 3D model)")
     _add_masks(p)
     _add_inference(p)
+    _add_stream(p)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line last")
     _add_safety(p, writes=False)
     p.set_defaults(func=_run_evaluate)
@@ -439,6 +502,7 @@ def _run_evaluate(args):
         tta=args.tta,
         nan_policy=args.nan_policy,
         strict=args.strict,
+        stream="auto" if args.stream is None else args.stream,
     )
     print(f"{scores['images']} image(s), {scores['num_classes']} classes")
     print(f"{'class':>6} {'dice':>8} {'iou':>8}")

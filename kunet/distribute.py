@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
 import re
 
 import keras
@@ -503,6 +505,17 @@ def data_parallel(devices=None, *, sync_batchnorm=True):
     return DataParallel(devices, sync_batchnorm=sync_batchnorm)
 
 
+def _cpu_only(backend):
+    """Whether ``backend`` can only have CPU devices here, found without starting it (JAX: no
+    accelerator plugin installed; TensorFlow: no physical GPU)."""
+    if backend == "jax":
+        plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
+        return not any(importlib.util.find_spec(name) for name in plugins)
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")
+
+
 def scope_for(devices=None, *, coordinator=None, num_processes=None, process_id=None):
     """What ``kunet train --devices N [--coordinator HOST:PORT --num-processes N --process-id I]``
     trains in, set up before anything runs: :class:`OneDevice` for ``devices`` None or 1 in one
@@ -525,6 +538,12 @@ def scope_for(devices=None, *, coordinator=None, num_processes=None, process_id=
     if coordinator is not None:
         _check_processes(coordinator, num_processes, process_id)  # before changing anything
     if devices is not None and devices > 1:
+        cores = os.cpu_count() or 1
+        if devices > cores and _cpu_only(backend):
+            raise ValueError(
+                f"--devices {devices}: there is no GPU here, and data parallelism on a CPU splits "
+                f"its {cores} cores into devices: at most {cores}"
+            )
         if backend == "jax":
             configure_cpu_devices(devices)  # the CPU client's: no effect on GPUs
         else:

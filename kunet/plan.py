@@ -48,7 +48,9 @@ tile_size           inference in cubes of twice the patch, at most 128
 
 ``model`` names a :func:`kunet.presets.names` architecture (``kunet train --model NAME``); set
 that way, its own filters replace the plan's unless ``filters`` is set too (a plan file's ``model``
-and ``filters`` are taken as written). Null: the plain UNet.
+and ``filters`` are taken as written). Null: the plain UNet. ``precision`` (``kunet train
+--precision``): ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``, the UNet's ``dtype_policy``
+(:data:`PRECISIONS`: mixed precision, float32 variables and head).
 
 A plan is JSON (``plan.json``): ``{"kunet_plan": 1, "settings": {...}, "fingerprint": {...},
 "reasons": {...}}``. Every setting can be edited in the file or overridden (``--set NAME=VALUE``);
@@ -110,6 +112,8 @@ def _numbers(values):
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+# kunet train --precision: the UNet's dtype_policy for each name
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 # name -> (check, description of the valid values)
 SETTINGS = {
     "patch_size": (lambda v: _positive_int(v) and v >= 16, "an int >= 16"),
@@ -147,13 +151,14 @@ SETTINGS = {
         ),
         '"auto" or {class: pixels}',
     ),
+    "precision": (lambda v: v in PRECISIONS, '"fp32", "bf16" or "fp16"'),
     "model": (
         lambda v: v is None or v in presets.names(),
         f"null (the plain UNet) or one of the presets {', '.join(presets.names())}",
     ),
 }
 # Settings added after plan files were first written: a plan without them gets these values.
-OPTIONAL_SETTINGS = {"model": None}
+OPTIONAL_SETTINGS = {"model": None, "precision": "fp32"}
 
 
 # ---------------------------------------------------------------------------------- fingerprint
@@ -413,6 +418,7 @@ def make_plan(fp, *, time_budget=None, backend="tensorflow", gpu=False):
         "tta": "auto",
         "min_component_size": "auto",
         "model": None,
+        "precision": "fp32",
     }
     if dims == 3:
         median = "x".join(f"{fp[k]['median']:g}" for k in ("depth", "height", "width"))

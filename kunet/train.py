@@ -14,6 +14,11 @@ with ``strict=True``).
 Folders of 3D volumes (NIfTI, ``.npy``, TIFF stacks: :mod:`kunet.volumes`) train a 3D UNet the same
 way: a folder holding ``.nii``/``.nii.gz``/``.npy`` files is read as volumes by itself, a folder of
 TIFF stacks with ``volumes=True`` (``--3d``).
+
+A folder larger than memory is streamed (``stream``, see :mod:`kunet.data`): it is read once to
+check it and to plan (one pair at a time), then training patches, validation tiles, the tuning of
+inference and the overlays decode each image when they need it, so memory does not grow with the
+number of images. The run is the same as in memory: same plan, same batches, same weights.
 """
 
 from __future__ import annotations
@@ -23,18 +28,27 @@ import gc
 import io
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from kunet import _failpoints, dispatch
+from kunet import _failpoints, dispatch, distribute
 from kunet import io as kio
 from kunet import volumes as kvol
 from kunet.augment import Augment
 from kunet.callbacks import LearningRateSchedule, NonFiniteError, TerminateOnNonFinite
-from kunet.data import PatchDataset, TileDataset, load_folder, model_num_classes, split
+from kunet.data import (
+    PatchDataset,
+    TileDataset,
+    load_folder,
+    memory_budget,
+    model_num_classes,
+    split,
+)
 from kunet.io import DataError, Guesses, print_note
 from kunet.losses import CEDice
 from kunet.outputs import (
@@ -48,6 +62,7 @@ from kunet.outputs import (
 )
 from kunet.plan import (
     DEFAULT_EPOCHS,
+    PRECISIONS,
     check_settings,
     fingerprint,
     make_plan,
@@ -196,9 +211,10 @@ class Stopwatch(keras.callbacks.Callback):
 # ---------------------------------------------------------------------------------- helpers
 def tune_inference(model, samples, plan, num_classes):
     """Resolve a plan's "auto" TTA and small-object removal by measuring them on ``samples`` (the
-    held-out validation images). Small-object removal is kept only where it raises the Dice; flip
-    TTA, for a model trained on flips, unless it lowers the Dice by more than ``VALIDATION_NOISE``
-    (with no images to measure on: removal off, TTA on when training augmented with flips)."""
+    held-out validation images, in memory or streamed: read one at a time). Small-object removal is
+    kept only where it raises the Dice; flip TTA, for a model trained on flips, unless it lowers the
+    Dice by more than ``VALIDATION_NOISE`` (with no images to measure on: removal off, TTA on when
+    training augmented with flips)."""
     plan = {**plan, "settings": dict(plan["settings"]), "reasons": dict(plan.get("reasons", {}))}
     s, reasons = plan["settings"], plan["reasons"]
     tile = s["tile_size"]
@@ -219,8 +235,9 @@ def tune_inference(model, samples, plan, num_classes):
     def dice(tta, sizes=None):
         totals = np.zeros((3, num_classes))
         for smp in samples:
-            pred = predict_labels(model, smp.image, tile, tta, min_sizes=sizes)
-            totals += confusion_counts(pred.ravel(), smp.mask.ravel(), num_classes)
+            image, mask = _arrays(smp)
+            pred = predict_labels(model, image, tile, tta, min_sizes=sizes)
+            totals += confusion_counts(pred.ravel(), mask.ravel(), num_classes)
         return float(dice_iou(*totals)[0][1:].mean())
 
     base = dice(False)
@@ -244,6 +261,13 @@ def tune_inference(model, samples, plan, num_classes):
             else "objects too small to filter"
         )
     return plan
+
+
+def _arrays(sample):
+    """(image, mask) of a :class:`kunet.data.Sample` or :class:`kunet.data.StreamedSample` (decoded
+    now), or of any object with ``image`` and ``mask``."""
+    load = getattr(sample, "load", None)
+    return load() if load is not None else (sample.image, sample.mask)
 
 
 def _say(verbose, *parts):
@@ -278,6 +302,13 @@ def train(
     verbose=1,
     volumes=None,
     model=None,
+    precision=None,
+    stream="auto",
+    workers=None,
+    devices=None,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
 ):
     """Train a UNet on the ``images``/``masks`` folders into the run folder ``out``.
 
@@ -296,7 +327,20 @@ def train(
     guessed. ``volumes``: the folders hold 3D volumes (None: when ``images`` holds NIfTI or
     ``.npy`` files; True is needed for TIFF stacks). ``model``: a :func:`kunet.presets.names`
     architecture (the plan's ``model`` setting; its filters replace the plan's unless ``filters``
-    is given).
+    is given). ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (the plan's ``precision``
+    setting: the UNet's ``dtype_policy``, :data:`kunet.plan.PRECISIONS`). ``stream``: hold the decoded images in memory (False), stream them from disk (True:
+    memory does not grow with their number), or "auto" (default): stream when they would take more
+    than :func:`kunet.data.memory_budget`; the run is the same either way. ``workers``: threads
+    preparing training batches ahead (default: none in memory, 2 streamed; the batches, and so
+    the run, are the same with any number).
+
+    ``devices``: train data-parallel on that many devices (:mod:`kunet.distribute`: JAX or
+    TensorFlow; the GPUs, else the CPU split into that many); the plan's batch size is the global
+    batch, split evenly over them, so the run is the same optimization as on one device.
+    ``coordinator`` (``"host:port"`` of process 0), ``num_processes`` and ``process_id``: one of
+    several JAX processes training together (each with ``devices`` devices, default all of its
+    own; same data, settings and seed in every process); process 0 writes ``out``, the others a
+    temporary folder they remove.
 
     Returns a summary dict (best validation Dice and epoch, epochs done, seconds, paths, where the
     time went). Raises :class:`kunet.outputs.Interrupted` (a KeyboardInterrupt) after Ctrl-C, with
@@ -304,6 +348,39 @@ def train(
     loss or the weights became NaN/inf (the folder keeps the last good epoch).
     """
     start = time.monotonic()
+    try:  # first: JAX's processes join, and the CPU is split, before the framework starts
+        parallel = distribute.scope_for(
+            devices, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    except (ValueError, RuntimeError) as e:
+        raise DataError(str(e)) from None
+    scratch = None
+    if parallel.process_id > 0:  # only process 0 writes the run folder
+        if resume:
+            raise DataError(
+                "--resume with several processes is not supported yet: resume in one process, "
+                "or start the run again"
+            )
+        scratch = Path(tempfile.mkdtemp(prefix=f"kunet-process{parallel.process_id}-"))
+        out, overwrite = scratch / "run", False
+    try:
+        return _train(
+            images, masks, out, parallel, start, plan=plan, settings=settings,
+            num_classes=num_classes, time_budget=time_budget, epochs=epochs,
+            patch_size=patch_size, batch_size=batch_size, val_split=val_split, filters=filters,
+            patches_per_epoch=patches_per_epoch, seed=seed, resume=resume, overwrite=overwrite,
+            nan_policy=nan_policy, strict=strict, verbose=verbose, volumes=volumes, model=model,
+            precision=precision, stream=stream, workers=workers,
+        )  # fmt: skip
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(images, masks, out, parallel, start, *, plan, settings, num_classes, time_budget,
+           epochs, patch_size, batch_size, val_split, filters, patches_per_epoch, seed, resume,
+           overwrite, nan_policy, strict, verbose, volumes, model, precision, stream,
+           workers):  # fmt: skip
     overrides = dict(settings or {})
     named = {"epochs": epochs, "patch_size": patch_size, "batch_size": batch_size,
              "val_split": val_split, "patches_per_epoch": patches_per_epoch,
@@ -311,6 +388,8 @@ def train(
     overrides.update({k: v for k, v in named.items() if v is not None})
     if filters is not None:
         overrides["filters"] = [int(f) for f in filters]
+    if precision is not None:
+        overrides["precision"] = precision
     if model is not None:
         from kunet import presets
 
@@ -375,6 +454,9 @@ def train(
         guesses=guesses,
         normalization=None,  # as the plan says, below
         volumes=volumes,
+        stream=stream,
+        fingerprint=plan is None,  # planned from the same pass that checks a streamed folder
+        workers=workers,
     )
     if plan is None:
         plan = make_plan(
@@ -390,8 +472,17 @@ def train(
         }  # fmt: skip
     if state is None:
         replace = "model" in overrides and "filters" not in overrides
-        plan = with_preset(plan, data.samples[0].image.ndim - 1, replace_filters=replace)
+        plan = with_preset(plan, data.spatial_dims, replace_filters=replace)
     check_settings(plan["settings"], "plan")
+    try:
+        parallel.check_batch_size(int(plan["settings"]["batch_size"]))
+    except ValueError as e:
+        raise DataError(f"--batch-size: {e}") from None
+    if parallel.processes > 1 and plan["settings"].get("time_budget"):
+        raise DataError(
+            "--time-budget with several processes: each would stop (and set its learning rate) "
+            "by its own clock; give --epochs instead"
+        )
     data.normalize(*normalization_of(plan), nan_policy)
     loading = time.monotonic() - loading
     created = check_writable(out, "run folder")
@@ -414,7 +505,7 @@ def train(
                 print_note(line)
             return _train_locked(
                 run, data, state, plan, start, seed=seed, nan_policy=nan_policy, verbose=verbose,
-                loading=loading,
+                loading=loading, workers=workers, parallel=parallel,
             )  # fmt: skip
     finally:
         if created and not any(out.iterdir()):
@@ -425,12 +516,13 @@ def _make_model(s, data):
     """The run's UNet: the plain one, or the plan's ``model`` preset, for the data's dimensions."""
     from kunet.model import UNet
 
-    dims = data.samples[0].image.ndim - 1
+    dims = data.spatial_dims
     args = {
         "num_classes": data.model_num_classes,
         "filters": tuple(s["filters"]),
         "input_shape": (None,) * dims + (data.channels,),
         "bn_momentum": s["bn_momentum"],
+        "dtype_policy": PRECISIONS[s.get("precision", "fp32")],
     }
     if dims == 3:
         args["spatial_dims"] = 3
@@ -484,7 +576,8 @@ def _refuse_run(out, run):
     )
 
 
-def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, loading):
+def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, loading, workers,
+                  parallel):  # fmt: skip
     out = run.path
     s = plan["settings"]
     keras.utils.set_random_seed(seed)
@@ -496,18 +589,20 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         if names and all(name in by_name for name in names):
             val_samples = [by_name[name] for name in names]
             train_samples = [x for x in data.samples if x.name not in set(names)] or val_samples
-        model = load_model(out / "last.keras")
+        with parallel.scope():  # the variables are laid out on the devices as they are made
+            model = load_model(out / "last.keras")
     held_out = val_samples != train_samples
     if state is None:
-        model = _make_model(s, data)
-        model.compile(
-            optimizer=keras.optimizers.Adam(s["learning_rate"]),
-            loss=CEDice(
-                ce_weight=s["ce_weight"],
-                dice_weight=s["dice_weight"],
-                batch_dice=s["batch_dice"],
-            ),
-        )
+        with parallel.scope():
+            model = _make_model(s, data)
+            model.compile(
+                optimizer=keras.optimizers.Adam(s["learning_rate"]),
+                loss=CEDice(
+                    ce_weight=s["ce_weight"],
+                    dice_weight=s["dice_weight"],
+                    batch_dice=s["batch_dice"],
+                ),
+            )
         state = {
             "epoch": 0,
             "best_score": None,
@@ -516,7 +611,7 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
             "num_classes": data.num_classes,
             "channels": data.channels,
             "filters": list(s["filters"]),
-            "spatial_dims": data.samples[0].image.ndim - 1,
+            "spatial_dims": data.spatial_dims,
             "patch_size": int(s["patch_size"]),
             "batch_size": int(s["batch_size"]),
             "seed": int(seed),
@@ -526,7 +621,7 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         }
         files = {"plan.json": (json.dumps(plan, indent=1) + "\n").encode()}
     initial_epoch = state["epoch"]
-    what = "volume(s)" if data.samples[0].image.ndim == 4 else "image(s)"
+    what = "volume(s)" if data.spatial_dims == 3 else "image(s)"
     _say(
         verbose,
         f"kunet: {len(data.samples)} {what} ({len(train_samples)} train, {len(val_samples)} "
@@ -535,6 +630,14 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         + (f"model {s['model']}, " if s.get("model") else "")
         + f"filters {s['filters']}, augmentation {s['augmentation']}; run folder {out}",
     )
+    if data.streamed:
+        _say(
+            verbose,
+            f"kunet: streaming the images from disk ({data.decoded_bytes / 2**30:.2f} GiB decoded; "
+            f"the budget for holding them is {memory_budget() / 2**30:.2f} GiB)",
+        )
+    if parallel.replicas > 1:
+        _say(verbose, f"kunet: data parallel: {parallel.describe()}")
     if not held_out:
         _say(
             verbose,
@@ -553,14 +656,19 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
         augment=Augment.level(s["augmentation"]),
         foreground=s["foreground"],
         seed=seed,
+        prefetch=workers,
     )
     train_ds.epoch = initial_epoch
+    # JAX: batches cut to a multiple of the devices, and to this process's part of each
+    train_ds = parallel.batches(train_ds)
+    # Validation tiles each held-out image in turn; a streamed one is decoded once for its tiles.
     val_ds = TileDataset(val_samples, data.num_classes, s["patch_size"], s["batch_size"])
-    val_ds = val_ds if held_out else None
+    val_ds = parallel.batches(val_ds) if held_out else None
     if files is not None:
         # Epoch 0, with the plan: a run killed in its first epoch resumes from here. The optimizer
         # is built first so its (zero) state is saved too and loads without Keras' "skipping".
-        model.optimizer.build(model.trainable_variables)
+        with parallel.scope():
+            model.optimizer.build(model.trainable_variables)
         run.commit(model, state, files=files)
 
     budget = s["time_budget"]
@@ -582,19 +690,21 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
             callbacks.append(_Failpoints())
         try:
             if initial_epoch < epochs:
-                model.fit(
-                    train_ds,
-                    validation_data=val_ds,
-                    epochs=epochs,
-                    initial_epoch=initial_epoch,
-                    callbacks=callbacks,
-                    verbose=verbose,
-                    # PatchDataset orders each epoch from (seed, epoch); Keras' own shuffle of the
-                    # batch order draws from Python's global RNG, which a resumed run cannot replay
-                    shuffle=False,
-                    # 'zero' was applied when the images were read
-                    nan_policy="ignore" if nan_policy == "ignore" else "error",
-                )
+                with parallel.scope():  # JAX: the batches are laid out on the devices in fit
+                    model.fit(
+                        train_ds,
+                        validation_data=val_ds,
+                        epochs=epochs,
+                        initial_epoch=initial_epoch,
+                        callbacks=callbacks,
+                        verbose=verbose,
+                        # PatchDataset orders each epoch from (seed, epoch); Keras' own shuffle of
+                        # the batch order draws from Python's global RNG, which a resumed run
+                        # cannot replay
+                        shuffle=False,
+                        # 'zero' was applied when the images were read
+                        nan_policy="ignore" if nan_policy == "ignore" else "error",
+                    )
         except KeyboardInterrupt:  # Interrupted at a safe point, or a second Ctrl-C
             stop = _interrupted(state)
         except NonFiniteError as e:
@@ -602,6 +712,13 @@ def _train_locked(run, data, state, plan, start, *, seed, nan_policy, verbose, l
                 f"{e}; {out} keeps the last good epoch ({state['epoch']}): resume it with a "
                 "lower learning rate or fix the data"
             )
+        except Exception:
+            # A streamed file that became unreadable since the folder was checked: the dataset's
+            # own DataError (naming the file), which tf.data would have wrapped in its own type.
+            failed = next((d.error for d in (train_ds, val_ds) if d and d.error), None)
+            if failed is None:
+                raise
+            raise failed from None
         finally:
             # An epoch cut short leaves a data iterator alive; collect it now, not at interpreter
             # exit (where TensorFlow logs an error finalizing it).
@@ -702,8 +819,8 @@ def write_overlays(model, samples, num_classes, folder, plan=None):
     folder.mkdir(exist_ok=True)
     tile, tta, sizes = inference_settings(plan)
     for s in samples:
-        pred = predict_labels(model, s.image, tile, tta, min_sizes=sizes)
-        image, mask = s.image, s.mask
+        image, mask = _arrays(s)
+        pred = predict_labels(model, image, tile, tta, min_sizes=sizes)
         if image.ndim == 4:  # a volume: the slice with the most foreground
             k = int(np.argmax((mask > 0).sum(axis=(1, 2))))
             image, mask, pred = image[k], mask[k], pred[k]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -497,3 +498,51 @@ def test_the_command_keeps_tensorflow_start_up_lines_out_of_the_terminal(tmp_pat
     assert demo("quiet") == []
     assert demo("user_level", TF_CPP_MIN_LOG_LEVEL="0") != []  # the user's own setting stands
     assert demo("verbose", "--verbose") != []
+
+
+# ---------------------------------------------------------------------------------- issue 12 flags
+def test_train_precision_and_stream_flags_reach_the_model_and_plan(tmp_path, capsys):
+    images, masks = make_folder(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
+                       "--epochs", "1", "--val-split", "0.5", "--precision", "bf16", "--stream",
+                       "--workers", "1", *TINY)  # fmt: skip
+    assert code == 0, err
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["settings"]["precision"] == "bf16"
+    assert plan["reasons"]["precision"] == "set by the user"
+    model = keras.models.load_model(out / "best.keras")
+    assert model.dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("encoder1_conv").compute_dtype == "bfloat16"
+
+
+def test_train_devices_beyond_those_present_is_named_and_writes_nothing(tmp_path, capsys):
+    images, masks = make_folder(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--images", images, "--masks", masks, "--out", out,
+                       "--epochs", "1", "--devices", "64", *TINY)  # fmt: skip
+    assert code == 2
+    if keras.backend.backend() == "torch":
+        assert "runs on KERAS_BACKEND=jax or tensorflow" in err
+    else:
+        assert "--devices 64: there is no GPU here" in err and f"at most {os.cpu_count()}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("jax", marks=pytest.mark.jax),
+                pytest.param("tensorflow", marks=pytest.mark.tensorflow)],
+)  # fmt: skip
+def test_train_on_two_devices_from_the_command_line(tmp_path, backend):
+    """``kunet train --devices 2`` on a CPU split into 2 devices (a fresh process: the split must
+    happen before the framework starts)."""
+    images, masks = make_folder(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    argv = ["train", "--images", images, "--masks", masks, "--out", out, "--epochs", "1",
+            "--val-split", "0.5", "--devices", "2", *[a for a in TINY if a != "--quiet"]]  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    done = subprocess.run([sys.executable, "-m", "kunet.cli", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data parallel" in done.stdout + done.stderr
+    assert (out / "best.keras").is_file()
