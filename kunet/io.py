@@ -67,16 +67,22 @@ def list_images(folder, what="images"):
     return files
 
 
+def _tifffile():
+    """The tifffile module, or None where it is not installed (PIL then reads what it can)."""
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    return tifffile
+
+
 def _read_array(path):
     """The file's pixels as a numpy array, as stored (dtype and palette indices kept), and its mode."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            import tifffile
-        except ImportError:
-            tifffile = None
+        tifffile = _tifffile()
         if tifffile is not None:
             try:
                 array = np.asarray(tifffile.imread(str(path)))
@@ -125,10 +131,7 @@ def _stored_shape(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            import tifffile
-        except ImportError:
-            tifffile = None
+        tifffile = _tifffile()
         if tifffile is not None:
             try:
                 with tifffile.TiffFile(str(path)) as tif:
