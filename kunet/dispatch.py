@@ -339,6 +339,12 @@ class use:
         return False
 
 
+def forget() -> None:
+    """Drop every cached choice: for code that changes a built layer's configuration in place (e.g.
+    :func:`kunet.distribute.synchronize_batch_norm`), so its next call decides again."""
+    _choices.clear()
+
+
 class plain:
     """``with kunet.dispatch.plain():`` every layer runs its reference (Keras' own layers) and the
     model's own call and input feeding are Keras': what export traces (``kunet.export``), so that no

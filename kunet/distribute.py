@@ -229,7 +229,7 @@ def synchronize_batch_norm(model_or_layer):
     for layer in layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             _synchronize(layer)
-    dispatch._choices.clear()  # a DoubleConv that already ran must look at its BNs again
+    dispatch.forget()  # a DoubleConv that already ran must look at its BNs again
     if getattr(model_or_layer, "train_function", None) is not None:
         model_or_layer.train_function = None  # traced with per-replica statistics: trace again
     return model_or_layer
