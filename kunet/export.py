@@ -234,7 +234,7 @@ def export(model, path, format="onnx", *, overwrite=False, verify=False, verbose
                 )
             _export_in_subprocess(model, tmp, fmt, backend, Path(work))
         if verify:
-            report = globals()["verify"](tmp, model, fmt)
+            report = _verify_file(tmp, model, fmt)
             if verbose:
                 print(_report_line(report))
         _publish(tmp, path)
@@ -346,6 +346,9 @@ def verify(path, model, format="onnx", inputs=None) -> dict:
                 f"{diff:.3g} > {bound:.3g}"
             )
     return report
+
+
+_verify_file = verify  # export()'s own `verify` argument shadows the function
 
 
 def _report_line(report):
